@@ -43,6 +43,6 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 # Point the editable install at this checkout (cheap; the dependencies are already there).
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null
+"$venv/bin/pip" install -q --no-deps -e . >/dev/null
 ln -sfn "$venv" .venv
 echo "bootstrap: ready ($("$venv/bin/python" -c 'import airflow; print("Airflow", airflow.__version__)'))"

@@ -1,0 +1,72 @@
+"""Provider metadata read by Airflow's ProvidersManager through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_selfheal import __version__
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Describe the provider the way official providers do; ``package-name`` must match the distribution."""
+    return {
+        "package-name": "airflow-selfheal",
+        "name": "Self-heal",
+        "description": "Self-healing batch pipelines: checkpoint ledger, dead letters, classified retries, "
+        "circuit breakers, idempotent versioned writes and catch-up.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "Self-heal",
+                "tags": ["software"],
+            }
+        ],
+        "hooks": [
+            {
+                "integration-name": "Self-heal",
+                "python-modules": [
+                    "airflow_selfheal.hooks.state_store",
+                    "airflow_selfheal.hooks.checkpoint",
+                    "airflow_selfheal.hooks.dead_letter",
+                    "airflow_selfheal.hooks.heal_events",
+                    "airflow_selfheal.hooks.airflow_api",
+                ],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "selfheal_airflow_api",
+                "hook-class-name": "airflow_selfheal.hooks.airflow_api.AirflowApiHook",
+                "hook-name": "Airflow REST API (self-heal)",
+            }
+        ],
+        "config": {
+            "selfheal": {
+                "description": "Where airflow-selfheal keeps its state.",
+                "options": {
+                    "conn_id": {
+                        "description": "Connection id of the SQL database that holds the state tables.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "selfheal_default",
+                        "default": "selfheal_default",
+                    },
+                    "table_prefix": {
+                        "description": "Prefix of every state table name (letters, digits, underscores).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "selfheal_",
+                        "default": "selfheal_",
+                    },
+                    "schema": {
+                        "description": "Schema (PostgreSQL) or database (MySQL) of the state tables; "
+                        "empty for the connection's default.",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "selfheal",
+                        "default": "",
+                    },
+                },
+            }
+        },
+    }

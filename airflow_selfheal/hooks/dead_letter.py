@@ -1,0 +1,335 @@
+"""The dead-letter table: records that failed, with everything needed to understand and redrive them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import traceback as traceback_module
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from airflow_selfheal.hooks.state_store import SelfHealStoreHook
+from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store import dialects
+from airflow_selfheal.store.payload import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    decode_payload,
+    encode_payload,
+    record_identity,
+    to_jsonable,
+)
+from airflow_selfheal.store.schema import DISCARDED, PARKED, PENDING, REDRIVING, RESOLVED
+from airflow_selfheal.store.types import utcnow
+
+STAGES = ("read", "transform", "write")
+STATUSES = (PENDING, REDRIVING, RESOLVED, PARKED, DISCARDED)
+# A user's decision (park, discard) survives the record failing again; anything else reopens.
+_STICKY = (PARKED, DISCARDED)
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    """A record that failed, as handed to :meth:`DeadLetterHook.add`."""
+
+    pipeline: str
+    payload: Any
+    error: BaseException
+    stage: str
+    record_key: Any = None
+    interval: Interval | None = None
+    dag_id: str | None = None
+    task_id: str | None = None
+    run_id: str | None = None
+    traceback: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} must be one of {', '.join(STAGES)}")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One row of the dead-letter table."""
+
+    id: int
+    pipeline: str
+    record_identity: str
+    status: str
+    stage: str
+    error_class: str
+    error_message: str | None
+    traceback: str | None
+    attempts: int
+    payload_text: str
+    payload_bytes: int
+    payload_sha256: str
+    payload_truncated: bool
+    record_key: Any
+    interval: Interval | None
+    dag_id: str | None
+    task_id: str | None
+    run_id: str | None
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    resolved_at: dt.datetime | None
+
+    @property
+    def payload(self) -> Any:
+        """The record as Python values (tagged types restored); a truncated payload stays a dict."""
+        return decode_payload(self.payload_text)
+
+
+def error_class_name(error: BaseException) -> str:
+    """``module.QualName`` of an exception, the way the table stores and filters it."""
+    cls = type(error)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+class DeadLetterHook(SelfHealStoreHook):
+    """
+    Writes, reads and changes the status of dead letters.
+
+    Dead-letter state machine: ``pending`` → ``redriving`` (claimed by a redrive) → ``resolved``
+    (the record succeeded) or back to ``pending`` (failed again) → ``parked`` after too many
+    attempts. ``discarded`` and ``parked`` are set by people and are never picked up automatically.
+
+    :param max_payload_bytes: payloads whose JSON is larger are cut to this size; the hash of the
+        full payload is kept.
+    """
+
+    hook_name = "Self-heal dead letters"
+
+    def __init__(self, *args: Any, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if max_payload_bytes < 1024:
+            raise ValueError(f"max_payload_bytes={max_payload_bytes} must be at least 1024")
+        self.max_payload_bytes = max_payload_bytes
+
+    def add(self, records: Sequence[FailedRecord], *, connection: sa.Connection | None = None) -> None:
+        """
+        Store failed records; a record already in the table (same pipeline and key, or same content
+        when it has no key) is updated in place: attempts + 1, newest error, ``last_seen`` now.
+        """
+        if not records:
+            return
+        table = self.tables.dead_letters
+        now = utcnow()
+        # One statement may not touch a row twice (PostgreSQL refuses), so fold repeats first.
+        rows_by_identity: dict[tuple[str, str], dict[str, Any]] = {}
+        for record in records:
+            row = self._row(record, now)
+            key = (row["pipeline"], row["record_identity"])
+            if key in rows_by_identity:
+                row["attempts"] = rows_by_identity[key]["attempts"] + 1
+            rows_by_identity[key] = row
+        with self.begin(connection) as conn:
+            dialects.upsert(
+                conn,
+                table,
+                list(rows_by_identity.values()),
+                key_columns=["pipeline", "record_identity"],
+                update=lambda new: {
+                    "attempts": table.c.attempts + new.attempts,
+                    "last_seen": new.last_seen,
+                    "error_class": new.error_class,
+                    "error_message": new.error_message,
+                    "traceback": new.traceback,
+                    "stage": new.stage,
+                    "run_id": new.run_id,
+                    "payload": new.payload,
+                    "status": sa.case((table.c.status.in_(_STICKY), table.c.status), else_=sa.literal(PENDING)),
+                    "claim_token": sa.null(),
+                    "resolved_at": sa.null(),
+                },
+            )
+
+    def _row(self, record: FailedRecord, now: dt.datetime) -> dict[str, Any]:
+        encoded = encode_payload(record.payload, max_bytes=self.max_payload_bytes)
+        error = record.error
+        tb = record.traceback
+        if tb is None and error.__traceback__ is not None:
+            tb = "".join(traceback_module.format_exception(type(error), error, error.__traceback__))
+        return {
+            "pipeline": record.pipeline,
+            "record_identity": record_identity(record.record_key, encoded.sha256),
+            "dag_id": record.dag_id,
+            "task_id": record.task_id,
+            "run_id": record.run_id,
+            "interval_start": record.interval.start if record.interval else None,
+            "interval_end": record.interval.end if record.interval else None,
+            "record_key": None if record.record_key is None else json.dumps(to_jsonable(record.record_key)),
+            "payload": encoded.text,
+            "payload_bytes": encoded.size_bytes,
+            "payload_sha256": encoded.sha256,
+            "payload_truncated": encoded.truncated,
+            "stage": record.stage,
+            "error_class": error_class_name(error),
+            "error_message": str(error)[:10000],
+            "traceback": (tb or "")[-50000:] or None,
+            "attempts": 1,
+            "first_seen": now,
+            "last_seen": now,
+            "status": PENDING,
+        }
+
+    def get(self, letter_id: int) -> DeadLetter | None:
+        """One dead letter by id."""
+        table = self.tables.dead_letters
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(table).where(table.c.id == letter_id)).mappings().first()
+        return None if row is None else _letter(row)
+
+    def list_letters(
+        self,
+        *,
+        pipeline: str | None = None,
+        statuses: Sequence[str] | None = None,
+        error_class: str | None = None,
+        older_than: dt.timedelta | None = None,
+        newer_than: dt.timedelta | None = None,
+        interval_from: dt.datetime | None = None,
+        interval_to: dt.datetime | None = None,
+        after_id: int | None = None,
+        limit: int | None = 100,
+    ) -> list[DeadLetter]:
+        """
+        Dead letters matching every filter given, oldest id first.
+
+        Page through a large table with ``after_id`` set to the last id of the previous page.
+
+        :param error_class: exact class name as stored (``ValueError``, ``mymodule.BadRow``).
+        :param older_than: only letters last seen longer ago than this.
+        :param newer_than: only letters last seen within this.
+        """
+        table = self.tables.dead_letters
+        query = sa.select(table).where(
+            *self._filters(
+                pipeline=pipeline,
+                statuses=statuses,
+                error_class=error_class,
+                older_than=older_than,
+                newer_than=newer_than,
+                interval_from=interval_from,
+                interval_to=interval_to,
+            )
+        )
+        if after_id is not None:
+            query = query.where(table.c.id > after_id)
+        query = query.order_by(table.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_letter(row) for row in conn.execute(query).mappings()]
+
+    def count(self, *, pipeline: str | None = None, statuses: Sequence[str] | None = None) -> int:
+        """How many dead letters match."""
+        table = self.tables.dead_letters
+        query = (
+            sa.select(sa.func.count()).select_from(table).where(*self._filters(pipeline=pipeline, statuses=statuses))
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def _filters(
+        self,
+        *,
+        pipeline: str | None = None,
+        statuses: Sequence[str] | None = None,
+        error_class: str | None = None,
+        older_than: dt.timedelta | None = None,
+        newer_than: dt.timedelta | None = None,
+        interval_from: dt.datetime | None = None,
+        interval_to: dt.datetime | None = None,
+    ) -> list[sa.ColumnElement[bool]]:
+        table = self.tables.dead_letters
+        now = utcnow()
+        clauses: list[sa.ColumnElement[bool]] = []
+        if pipeline is not None:
+            clauses.append(table.c.pipeline == pipeline)
+        if statuses:
+            unknown = set(statuses) - set(STATUSES)
+            if unknown:
+                raise ValueError(f"status {sorted(unknown)} unknown; use {', '.join(STATUSES)}")
+            clauses.append(table.c.status.in_(list(statuses)))
+        if error_class is not None:
+            clauses.append(table.c.error_class == error_class)
+        if older_than is not None:
+            clauses.append(table.c.last_seen < now - older_than)
+        if newer_than is not None:
+            clauses.append(table.c.last_seen >= now - newer_than)
+        if interval_from is not None:
+            clauses.append(table.c.interval_start >= Interval(interval_from, interval_from).start)
+        if interval_to is not None:
+            clauses.append(table.c.interval_end <= Interval(interval_to, interval_to).end)
+        return clauses
+
+    def set_status(self, letter_ids: Sequence[int], status: str, *, connection: sa.Connection | None = None) -> int:
+        """Set the status of the given letters (discard, park, re-queue as pending); returns rows changed."""
+        if status not in STATUSES:
+            raise ValueError(f"status={status!r} unknown; use {', '.join(STATUSES)}")
+        if not letter_ids:
+            return 0
+        table = self.tables.dead_letters
+        values: dict[str, Any] = {"status": status, "claim_token": None}
+        values["resolved_at"] = utcnow() if status == RESOLVED else None
+        with self.begin(connection) as conn:
+            result = conn.execute(sa.update(table).where(table.c.id.in_(list(letter_ids))).values(**values))
+        return int(result.rowcount)
+
+    def resolve_records(
+        self,
+        pipeline: str,
+        identities: Sequence[str],
+        *,
+        connection: sa.Connection | None = None,
+    ) -> int:
+        """Mark open letters of these record identities resolved: the records have now succeeded."""
+        if not identities:
+            return 0
+        table = self.tables.dead_letters
+        changed = 0
+        with self.begin(connection) as conn:
+            for start in range(0, len(identities), 500):
+                result = conn.execute(
+                    sa.update(table)
+                    .where(
+                        table.c.pipeline == pipeline,
+                        table.c.record_identity.in_(list(identities[start : start + 500])),
+                        table.c.status.in_([PENDING, REDRIVING]),
+                    )
+                    .values(status=RESOLVED, resolved_at=utcnow(), claim_token=None)
+                )
+                changed += int(result.rowcount)
+        return changed
+
+
+def _letter(row: Any) -> DeadLetter:
+    interval = None
+    if row["interval_start"] is not None and row["interval_end"] is not None:
+        interval = Interval(row["interval_start"], row["interval_end"])
+    return DeadLetter(
+        id=row["id"],
+        pipeline=row["pipeline"],
+        record_identity=row["record_identity"],
+        status=row["status"],
+        stage=row["stage"],
+        error_class=row["error_class"],
+        error_message=row["error_message"],
+        traceback=row["traceback"],
+        attempts=row["attempts"],
+        payload_text=row["payload"],
+        payload_bytes=row["payload_bytes"],
+        payload_sha256=row["payload_sha256"],
+        payload_truncated=bool(row["payload_truncated"]),
+        record_key=None if row["record_key"] is None else decode_payload(row["record_key"]),
+        interval=interval,
+        dag_id=row["dag_id"],
+        task_id=row["task_id"],
+        run_id=row["run_id"],
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+        resolved_at=row["resolved_at"],
+    )
