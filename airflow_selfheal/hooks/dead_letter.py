@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
+import time
 import traceback as traceback_module
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,9 @@ STAGES = ("read", "transform", "write")
 STATUSES = (PENDING, REDRIVING, RESOLVED, PARKED, DISCARDED)
 # A user's decision (park, discard) survives the record failing again; anything else reopens.
 _STICKY = (PARKED, DISCARDED)
+# A redrive that has not finished a claimed letter within this long is presumed dead.
+DEFAULT_CLAIM_STALE_AFTER = dt.timedelta(minutes=30)
+_CHUNK = 500  # ids per IN (...) list: well below every dialect's parameter limit
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class DeadLetter:
     first_seen: dt.datetime
     last_seen: dt.datetime
     resolved_at: dt.datetime | None
+    claim_token: str | None = None
+    claimed_at: dt.datetime | None = None
 
     @property
     def payload(self) -> Any:
@@ -92,9 +100,20 @@ class DeadLetterHook(SelfHealStoreHook):
     """
     Writes, reads and changes the status of dead letters.
 
-    Dead-letter state machine: ``pending`` → ``redriving`` (claimed by a redrive) → ``resolved``
-    (the record succeeded) or back to ``pending`` (failed again) → ``parked`` after too many
-    attempts. ``discarded`` and ``parked`` are set by people and are never picked up automatically.
+    Dead-letter state machine::
+
+        (record fails) -> pending --claim_for_redrive--> redriving --redrive_succeeded--> resolved
+                             ^                               |
+                             +------ redrive_failed ---------+ (attempts + 1)
+                                                             +--> parked once attempts >= max_attempts
+
+    - A ``redriving`` claim older than ``stale_after`` is claimable again, so a killed redrive never
+      leaves letters stuck; the dead redrive's token no longer matches and its late calls change nothing.
+    - ``parked`` and ``discarded`` are never picked up automatically; people set them
+      (:meth:`set_status`) and undo them (:meth:`requeue`). They also survive the record failing again.
+    - ``resolved`` is final: the record has been written. The same record failing again later in a
+      normal run reopens it as ``pending`` (see :meth:`add`).
+    - ``attempts`` counts failures: 1 when first dead-lettered, + 1 per failed redrive.
 
     :param max_payload_bytes: payloads whose JSON is larger are cut to this size; the hash of the
         full payload is kept.
@@ -140,7 +159,10 @@ class DeadLetterHook(SelfHealStoreHook):
                     "stage": new.stage,
                     "run_id": new.run_id,
                     "payload": new.payload,
-                    "status": sa.case((table.c.status.in_(_STICKY), table.c.status), else_=sa.literal(PENDING)),
+                    "status": sa.case(
+                        (sa.or_(*(table.c.status == _constant(s) for s in _STICKY)), table.c.status),
+                        else_=_constant(PENDING),
+                    ),
                     "claim_token": sa.null(),
                     "resolved_at": sa.null(),
                 },
@@ -266,6 +288,23 @@ class DeadLetterHook(SelfHealStoreHook):
             clauses.append(table.c.interval_end <= Interval(interval_to, interval_to).end)
         return clauses
 
+    def pipelines(self) -> list[str]:
+        """Every pipeline that has dead letters."""
+        table = self.tables.dead_letters
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(table.c.pipeline).distinct().order_by(table.c.pipeline)).scalars())
+
+    def status_counts(self, *, pipeline: str | None = None) -> dict[str, int]:
+        """Number of letters per status (every status present, zero when none)."""
+        table = self.tables.dead_letters
+        query = sa.select(table.c.status, sa.func.count()).group_by(table.c.status)
+        if pipeline is not None:
+            query = query.where(table.c.pipeline == pipeline)
+        counts = dict.fromkeys(STATUSES, 0)
+        with self.engine.connect() as conn:
+            counts.update({status: int(n) for status, n in conn.execute(query).all()})
+        return counts
+
     def set_status(self, letter_ids: Sequence[int], status: str, *, connection: sa.Connection | None = None) -> int:
         """Set the status of the given letters (discard, park, re-queue as pending); returns rows changed."""
         if status not in STATUSES:
@@ -305,6 +344,220 @@ class DeadLetterHook(SelfHealStoreHook):
                 changed += int(result.rowcount)
         return changed
 
+    # -- redrive ------------------------------------------------------------------------------
+
+    def claim_for_redrive(
+        self,
+        pipeline: str,
+        *,
+        limit: int,
+        error_class: str | None = None,
+        interval_from: dt.datetime | None = None,
+        interval_to: dt.datetime | None = None,
+        older_than: dt.timedelta | None = None,
+        stale_after: dt.timedelta = DEFAULT_CLAIM_STALE_AFTER,
+    ) -> list[DeadLetter]:
+        """
+        Claim up to ``limit`` letters of ``pipeline`` for a redrive, oldest (lowest id) first.
+
+        Claimable are ``pending`` letters and ``redriving`` ones whose claim is older than
+        ``stale_after``. Each letter is taken by a conditional UPDATE that re-checks it is still
+        claimable, so concurrent redrives never get the same letter; the letters come back carrying
+        this claim's token, which :meth:`redrive_succeeded` and :meth:`redrive_failed` check.
+
+        :param limit: most letters to claim (a batch); at least 1.
+        :param older_than: only letters last seen longer ago than this (let a fresh failure settle).
+        :param stale_after: age after which another redrive's claim is presumed dead.
+        """
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be at least 1")
+        table = self.tables.dead_letters
+        token = str(uuid.uuid4())
+        filters = self._filters(
+            pipeline=pipeline,
+            error_class=error_class,
+            older_than=older_than,
+            interval_from=interval_from,
+            interval_to=interval_to,
+        )
+        claimed = 0
+        # Each round claims what it can; letters lost to a concurrent redrive are replaced by the
+        # next-oldest ones. Bounded, because a busy table could otherwise keep us looping.
+        for _ in range(10):
+            now = utcnow()
+            claimable = sa.or_(
+                table.c.status == PENDING,
+                sa.and_(
+                    table.c.status == REDRIVING,
+                    sa.or_(
+                        table.c.claim_token.is_(None),
+                        table.c.claimed_at.is_(None),
+                        table.c.claimed_at < now - stale_after,
+                    ),
+                ),
+            )
+            # Pick candidates outside the claiming transaction: the UPDATE below re-checks them.
+            with self.engine.connect() as conn:
+                candidates = list(
+                    conn.execute(
+                        sa.select(table.c.id).where(*filters, claimable).order_by(table.c.id).limit(limit - claimed)
+                    ).scalars()
+                )
+            if not candidates:
+                break
+            claimed += self._claim(candidates, claimable, token, now)
+            if claimed >= limit:
+                break
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(table).where(table.c.claim_token == token, table.c.status == REDRIVING).order_by(table.c.id)
+            ).mappings()
+            return [_letter(row) for row in rows]
+
+    def _claim(self, ids: list[int], claimable: sa.ColumnElement[bool], token: str, now: dt.datetime) -> int:
+        table = self.tables.dead_letters
+        statement = (
+            sa.update(table)
+            .where(table.c.id.in_(ids), claimable)
+            .values(status=REDRIVING, claim_token=token, claimed_at=now)
+        )
+        attempts = 5
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.begin() as conn:
+                    return int(conn.execute(statement).rowcount)
+            except sa.exc.OperationalError:
+                # Two claimers locking overlapping rows can deadlock; the database aborts one of them.
+                if attempt == attempts:
+                    raise
+                time.sleep(random.uniform(0.01, 0.1) * attempt)
+        return 0  # pragma: no cover - the loop returns or raises
+
+    def redrive_succeeded(self, letters: Sequence[DeadLetter], connection: sa.Connection | None = None) -> int:
+        """
+        Mark redriven letters ``resolved``; returns how many were.
+
+        A letter whose claim was lost meanwhile (it went stale and another redrive took it, or a
+        person re-queued, parked or discarded it) is left alone.
+
+        :param connection: resolve inside the caller's transaction, e.g. the one that wrote the records.
+        """
+        by_token: dict[str, list[int]] = {}
+        for letter in letters:
+            if letter.claim_token is None:
+                raise ValueError(f"letters: dead letter {letter.id} carries no claim token; claim it first")
+            by_token.setdefault(letter.claim_token, []).append(letter.id)
+        table = self.tables.dead_letters
+        changed = 0
+        now = utcnow()
+        with self.begin(connection) as conn:
+            for token, ids in by_token.items():
+                for start in range(0, len(ids), _CHUNK):
+                    result = conn.execute(
+                        sa.update(table)
+                        .where(
+                            table.c.id.in_(ids[start : start + _CHUNK]),
+                            table.c.claim_token == token,
+                            table.c.status == REDRIVING,
+                        )
+                        .values(status=RESOLVED, resolved_at=now, claim_token=None)
+                    )
+                    changed += int(result.rowcount)
+        return changed
+
+    def redrive_failed(
+        self,
+        letter: DeadLetter,
+        error: BaseException,
+        *,
+        max_attempts: int,
+        traceback: str | None = None,
+        connection: sa.Connection | None = None,
+    ) -> str | None:
+        """
+        Record that a redriven letter failed again: attempts + 1 and the newest error.
+
+        The letter goes back to ``pending``, or to ``parked`` once its attempts reach ``max_attempts``
+        (then no redrive picks it up again until someone re-queues it).
+
+        :param max_attempts: failures (the original one included) after which the letter is parked.
+        :param traceback: formatted traceback; default: taken from ``error``.
+        :return: the letter's new status, or ``None`` when its claim was lost (nothing changed).
+        """
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts={max_attempts} must be at least 1")
+        if letter.claim_token is None:
+            raise ValueError(f"letter: dead letter {letter.id} carries no claim token; claim it first")
+        if traceback is None and error.__traceback__ is not None:
+            traceback = "".join(traceback_module.format_exception(type(error), error, error.__traceback__))
+        # The token guard means nobody changed the row since our claim, so letter.attempts is current.
+        attempts = letter.attempts + 1
+        status = PARKED if attempts >= max_attempts else PENDING
+        table = self.tables.dead_letters
+        with self.begin(connection) as conn:
+            result = conn.execute(
+                sa.update(table)
+                .where(table.c.id == letter.id, table.c.claim_token == letter.claim_token, table.c.status == REDRIVING)
+                .values(
+                    status=status,
+                    attempts=attempts,
+                    error_class=error_class_name(error),
+                    error_message=str(error)[:10000],
+                    traceback=(traceback or "")[-50000:] or None,
+                    last_seen=utcnow(),
+                    claim_token=None,
+                    claimed_at=None,
+                )
+            )
+        return status if result.rowcount == 1 else None
+
+    def requeue(
+        self,
+        letter_ids: Sequence[int],
+        *,
+        reset_attempts: bool = True,
+        connection: sa.Connection | None = None,
+    ) -> int:
+        """
+        Put letters back to ``pending`` for the next redrive (a person's decision, e.g. after a fix).
+
+        Works on ``parked``, ``discarded``, ``redriving`` (releases the claim: a still-running redrive
+        can then no longer resolve or fail it) and ``pending`` letters; ``resolved`` ones are skipped.
+
+        :param reset_attempts: start the letter's attempt budget afresh (attempts back to 1, the
+            original failure), so a parked letter gets ``max_attempts`` - 1 more redrives.
+        :return: number of letters re-queued.
+        """
+        if not letter_ids:
+            return 0
+        table = self.tables.dead_letters
+        values: dict[str, Any] = {"status": PENDING, "claim_token": None, "claimed_at": None, "resolved_at": None}
+        if reset_attempts:
+            values["attempts"] = 1
+        ids = list(letter_ids)
+        changed = 0
+        with self.begin(connection) as conn:
+            for start in range(0, len(ids), _CHUNK):
+                result = conn.execute(
+                    sa.update(table)
+                    .where(table.c.id.in_(ids[start : start + _CHUNK]), table.c.status != RESOLVED)
+                    .values(**values)
+                )
+                changed += int(result.rowcount)
+        return changed
+
+
+def _constant(status: str) -> sa.ColumnElement[str]:
+    """
+    A status as an inline SQL literal, for the upsert's SET clause.
+
+    Bound parameters there break executemany: SQLAlchemy refuses expanding IN lists, and mysqlclient
+    repeats only the VALUES part of a multi-row INSERT. Statuses are our own fixed words, so inlining is safe.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status={status!r} unknown")
+    return sa.literal_column(f"'{status}'", sa.String)
+
 
 def _letter(row: Any) -> DeadLetter:
     interval = None
@@ -332,4 +585,6 @@ def _letter(row: Any) -> DeadLetter:
         first_seen=row["first_seen"],
         last_seen=row["last_seen"],
         resolved_at=row["resolved_at"],
+        claim_token=row["claim_token"],
+        claimed_at=row["claimed_at"],
     )
