@@ -33,6 +33,19 @@ def get_provider_info() -> dict[str, Any]:
                 ],
             }
         ],
+        "operators": [
+            {
+                "integration-name": "Self-heal",
+                "python-modules": [
+                    "airflow_selfheal.operators.interval",
+                    "airflow_selfheal.operators.interval_transfer",
+                    "airflow_selfheal.operators.selfheal_task",
+                ],
+            }
+        ],
+        "task-decorators": [
+            {"class-name": "airflow_selfheal.decorators.selfheal.selfheal_task", "name": "selfheal"},
+        ],
         "connection-types": [
             {
                 "connection-type": "selfheal_airflow_api",

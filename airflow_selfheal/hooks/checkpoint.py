@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import sqlalchemy as sa
 from airflow_selfheal.exceptions import ClaimLostError
 from airflow_selfheal.hooks.state_store import SelfHealStoreHook
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.payload import from_jsonable, to_jsonable
 from airflow_selfheal.store.schema import DONE, FAILED, RUNNING
 from airflow_selfheal.store.types import utcnow
 
@@ -378,6 +380,58 @@ class CheckpointHook(SelfHealStoreHook):
             )
             for r in rows
         ]
+
+    # -- archive of replaced rows (keep_versions) ----------------------------------------------
+
+    def archive_rows(
+        self,
+        pipeline: str,
+        interval: Interval,
+        *,
+        version: int,
+        rows: Sequence[dict[str, Any]],
+        keep_versions: int,
+        connection: sa.Connection | None = None,
+    ) -> None:
+        """
+        Keep ``rows`` (the destination's rows of ``version``, about to be replaced) for rollback.
+
+        Idempotent per version, so a crashed attempt that archived already does not archive twice;
+        archives older than the newest ``keep_versions`` are pruned.
+        """
+        table = self.tables.archived_rows
+        key = _key_clause(table, pipeline, interval)
+        with self.begin(connection) as conn:
+            conn.execute(sa.delete(table).where(key, table.c.version == version))
+            if rows:
+                conn.execute(
+                    sa.insert(table),
+                    [
+                        {
+                            "pipeline": pipeline,
+                            "interval_start": interval.start,
+                            "interval_end": interval.end,
+                            "version": version,
+                            "row_json": json.dumps(to_jsonable(row), sort_keys=True),
+                        }
+                        for row in rows
+                    ],
+                )
+            conn.execute(sa.delete(table).where(key, table.c.version <= version - keep_versions))
+
+    def archived_rows(self, pipeline: str, interval: Interval, version: int) -> list[dict[str, Any]] | None:
+        """The rows ``version`` wrote, or ``None`` if that version is not in the archive."""
+        table = self.tables.archived_rows
+        query = sa.select(table.c.row_json).where(
+            _key_clause(table, pipeline, interval), table.c.version == version
+        ).order_by(table.c.id)
+        with self.engine.connect() as conn:
+            texts = list(conn.execute(query).scalars())
+        if not texts:
+            # An empty version archives no rows; tell it apart from a pruned one by the history.
+            known = any(v.version == version and (v.rows_written or 0) == 0 for v in self.versions(pipeline, interval))
+            return [] if known else None
+        return [from_jsonable(json.loads(text)) for text in texts]
 
 
 def _key_clause(table: sa.Table, pipeline: str, interval: Interval) -> sa.ColumnElement[bool]:

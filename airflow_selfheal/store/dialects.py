@@ -77,3 +77,41 @@ def upsert(
 def supports_schemas(dialect_name: str) -> bool:
     """Whether a separate schema (PostgreSQL) or database (MySQL) can hold the state tables."""
     return dialect_name in ("postgresql", "mysql", "mariadb")
+
+
+def bulk_insert(connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """
+    Insert many rows fast: COPY on PostgreSQL (psycopg 3), multi-row INSERTs elsewhere.
+
+    Every row must have the same keys. Errors surface as the driver raised them, so callers can
+    split a failing batch to find the bad rows.
+    """
+    if not rows:
+        return
+    driver = connection.connection.driver_connection
+    if connection.dialect.name == "postgresql" and hasattr(driver, "cursor") and connection.dialect.driver == "psycopg":
+        columns = list(rows[0].keys())
+        column_list = ", ".join(connection.dialect.identifier_preparer.quote(c) for c in columns)
+        target = connection.dialect.identifier_preparer.format_table(table)
+        with driver.cursor() as cursor, cursor.copy(f"COPY {target} ({column_list}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([row[c] for c in columns])
+        return
+    # SQLAlchemy batches executemany INSERTs into multi-row VALUES ("insertmanyvalues").
+    connection.execute(sa.insert(table), list(rows))
+
+
+def bulk_upsert(
+    connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], *, key_columns: Sequence[str]
+) -> None:
+    """Insert-or-update many rows by ``key_columns``; every other column takes the incoming value."""
+    if not rows:
+        return
+    columns = [c for c in rows[0] if c not in key_columns]
+
+    def update(new: Any) -> dict[str, Any]:
+        if not columns:  # key-only table: keep the row as it is
+            return {key_columns[0]: table.c[key_columns[0]]}
+        return {c: new[c] for c in columns}
+
+    upsert(connection, table, rows, key_columns=key_columns, update=update)
