@@ -4,4 +4,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
-exec "$root/.venv/bin/python" dags/selfheal_demo.py "$@"
+exec "$root/.venv/bin/python" scripts/run_demo.py "$@"

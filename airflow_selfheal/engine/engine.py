@@ -179,10 +179,9 @@ class IntervalEngine:
         self.classifier = classifier or DEFAULT_CLASSIFIER
         self.retry_settings = retry_settings or RetrySettings()
         self.destination_conn_id = destination_conn_id
-        store = {"table_prefix": table_prefix, "schema": schema}
-        self.ledger = CheckpointHook(selfheal_conn_id, **store)
-        self.dead_letters = DeadLetterHook(selfheal_conn_id, **store)
-        self.events = HealEventHook(selfheal_conn_id, **store)
+        self.ledger = CheckpointHook(selfheal_conn_id, table_prefix=table_prefix, schema=schema)
+        self.dead_letters = DeadLetterHook(selfheal_conn_id, table_prefix=table_prefix, schema=schema)
+        self.events = HealEventHook(selfheal_conn_id, table_prefix=table_prefix, schema=schema)
         self.sink = SqlSink(sink, classify_transient=self.classifier.is_transient)
 
     # -- engines --------------------------------------------------------------------------------
@@ -214,8 +213,12 @@ class IntervalEngine:
         summary = RunSummary(self.settings.pipeline, interval.start.isoformat(), interval.end.isoformat(), ctx.reason)
         self._check_order(interval)
         claim = self.ledger.try_claim(
-            self.settings.pipeline, interval, run_id=ctx.run_id, try_number=ctx.try_number,
-            reprocess=True, stale_after=self.settings.stale_after,
+            self.settings.pipeline,
+            interval,
+            run_id=ctx.run_id,
+            try_number=ctx.try_number,
+            reprocess=True,
+            stale_after=self.settings.stale_after,
         )
         if claim is None:
             raise IntervalBusyError(
@@ -249,9 +252,15 @@ class IntervalEngine:
             summary.retries += 1
             metrics.incr("retries", tags={"pipeline": self.settings.pipeline})
             self._event(
-                "retry", interval, ctx,
-                {"attempt": attempt.attempt, "delay": attempt.delay, "error_class": type(attempt.error).__name__,
-                 "error": str(attempt.error)[:500]},
+                "retry",
+                interval,
+                ctx,
+                {
+                    "attempt": attempt.attempt,
+                    "delay": attempt.delay,
+                    "error_class": type(attempt.error).__name__,
+                    "error": str(attempt.error)[:500],
+                },
             )
 
         result: _Attempt | None = None
@@ -270,8 +279,11 @@ class IntervalEngine:
             store_conn = conn if self.same_database else None
             if self.settings.keep_versions and previous is not None and previous.version > 0:
                 self.ledger.archive_rows(
-                    self.settings.pipeline, interval, version=previous.version,
-                    rows=self.sink.current_rows(conn, interval), keep_versions=self.settings.keep_versions,
+                    self.settings.pipeline,
+                    interval,
+                    version=previous.version,
+                    rows=self.sink.current_rows(conn, interval),
+                    keep_versions=self.settings.keep_versions,
                     connection=store_conn,
                 )
             self.sink.clear_interval(conn, interval)
@@ -280,7 +292,7 @@ class IntervalEngine:
                 self._process_chunk(conn, chunk, interval, ctx, attempt, track_resolutions)
                 self._check_ceiling(attempt, interval, final=False)
             self._check_ceiling(attempt, interval, final=True)
-            self._check_order(interval)
+            self._check_order(interval, connection=store_conn)
             if self.same_database:
                 summary.version = self._record(claim, attempt, ctx, conn)
         if not self.same_database:
@@ -297,16 +309,31 @@ class IntervalEngine:
                 self.settings.pipeline, attempt.resolved_identities, connection=conn
             )
             if resolved:
-                self.events.record("dead_letters_resolved", pipeline=self.settings.pipeline,
-                                   interval=claim.interval, run_id=ctx.run_id, detail={"count": resolved},
-                                   connection=conn)
+                self.events.record(
+                    "dead_letters_resolved",
+                    pipeline=self.settings.pipeline,
+                    interval=claim.interval,
+                    run_id=ctx.run_id,
+                    detail={"count": resolved},
+                    connection=conn,
+                )
         return self.ledger.commit(
-            claim, reason=ctx.reason, rows_read=attempt.rows_read, rows_written=attempt.written,
-            rows_dead_lettered=len(attempt.dead), checksum=attempt.checksum.hexdigest(), connection=conn,
+            claim,
+            reason=ctx.reason,
+            rows_read=attempt.rows_read,
+            rows_written=attempt.written,
+            rows_dead_lettered=len(attempt.dead),
+            checksum=attempt.checksum.hexdigest(),
+            connection=conn,
         )
 
     def _process_chunk(
-        self, conn: sa.Connection, chunk: list[Any], interval: Interval, ctx: RunContext, attempt: _Attempt,
+        self,
+        conn: sa.Connection,
+        chunk: list[Any],
+        interval: Interval,
+        ctx: RunContext,
+        attempt: _Attempt,
         track_resolutions: bool,
     ) -> None:
         table = self.sink.table(conn)
@@ -325,8 +352,8 @@ class IntervalEngine:
         for item in written:
             attempt.checksum.add(item.row)
         attempt.written += len(written)
-        for item, error in rejected:
-            attempt.dead.append(self._failed(item.source, error, "write", interval, ctx))
+        for item, refusal in rejected:
+            attempt.dead.append(self._failed(item.source, refusal, "write", interval, ctx))
         if track_resolutions:
             sources = {id(item.source): item.source for item in written}
             attempt.resolved_identities.extend(self.identity(source) for source in sources.values())
@@ -354,10 +381,18 @@ class IntervalEngine:
         sha = "" if key is not None else encode_payload(record).sha256
         return record_identity(key, sha)
 
-    def _failed(self, record: Any, error: BaseException, stage: str, interval: Interval, ctx: RunContext) -> FailedRecord:
+    def _failed(
+        self, record: Any, error: BaseException, stage: str, interval: Interval, ctx: RunContext
+    ) -> FailedRecord:
         return FailedRecord(
-            pipeline=self.settings.pipeline, payload=record, error=error, stage=stage,
-            record_key=self.record_key(record), interval=interval, dag_id=ctx.dag_id, task_id=ctx.task_id,
+            pipeline=self.settings.pipeline,
+            payload=record,
+            error=error,
+            stage=stage,
+            record_key=self.record_key(record),
+            interval=interval,
+            dag_id=ctx.dag_id,
+            task_id=ctx.task_id,
             run_id=ctx.run_id,
         )
 
@@ -368,8 +403,11 @@ class IntervalEngine:
         s = self.settings
         over_count = s.max_dead_letters is not None and dead > s.max_dead_letters
         over_ratio = (
-            final and s.max_dead_letter_ratio is not None and attempt.rows_read > 0
-            and dead > s.dead_letter_grace and dead / attempt.rows_read > s.max_dead_letter_ratio
+            final
+            and s.max_dead_letter_ratio is not None
+            and attempt.rows_read > 0
+            and dead > s.dead_letter_grace
+            and dead / attempt.rows_read > s.max_dead_letter_ratio
         )
         if over_count or over_ratio:
             sample = attempt.dead[0]
@@ -380,10 +418,10 @@ class IntervalEngine:
                 f"{type(sample.error).__name__}: {sample.error}"
             )
 
-    def _check_order(self, interval: Interval) -> None:
+    def _check_order(self, interval: Interval, *, connection: sa.Connection | None = None) -> None:
         if not self.settings.ordered:
             return
-        entries = self.ledger.entries(self.settings.pipeline)
+        entries = self.ledger.entries(self.settings.pipeline, connection=connection)
         earlier = [e for e in entries if e.interval.end <= interval.start]
         origin = self.settings.ordered_origin
         if origin is None and not earlier:
@@ -419,8 +457,13 @@ class IntervalEngine:
 
     def _event(self, kind: str, interval: Interval, ctx: RunContext, detail: dict[str, Any]) -> None:
         self.events.record(
-            kind, pipeline=self.settings.pipeline, interval=interval, dag_id=ctx.dag_id, task_id=ctx.task_id,
-            run_id=ctx.run_id, detail=detail,
+            kind,
+            pipeline=self.settings.pipeline,
+            interval=interval,
+            dag_id=ctx.dag_id,
+            task_id=ctx.task_id,
+            run_id=ctx.run_id,
+            detail=detail,
         )
 
     # -- rollback -------------------------------------------------------------------------------
@@ -436,27 +479,32 @@ class IntervalEngine:
         rows = self.ledger.archived_rows(self.settings.pipeline, interval, to_version)
         if rows is None:
             raise SelfHealError(
-                f"version {to_version} of {interval} is not in the archive (keep_versions={self.settings.keep_versions})"
+                f"version {to_version} of {interval} is not in the archive "
+                f"(keep_versions={self.settings.keep_versions})"
             )
         target = next(v for v in self.ledger.versions(self.settings.pipeline, interval) if v.version == to_version)
+        current = self.ledger.get(self.settings.pipeline, interval)
         claim = self.ledger.try_claim(self.settings.pipeline, interval, reprocess=True, run_id=ctx.run_id)
         if claim is None:
             raise IntervalBusyError(f"interval {interval} is being processed; roll back later")
         with self.destination_engine.begin() as conn:
             store_conn = conn if self.same_database else None
-            current = self.ledger.get(self.settings.pipeline, interval)
             if current is not None and current.version > 0:
                 self.ledger.archive_rows(
-                    self.settings.pipeline, interval, version=current.version,
-                    rows=self.sink.current_rows(conn, interval), keep_versions=max(self.settings.keep_versions, 1),
+                    self.settings.pipeline,
+                    interval,
+                    version=current.version,
+                    rows=self.sink.current_rows(conn, interval),
+                    keep_versions=max(self.settings.keep_versions, 1),
                     connection=store_conn,
                 )
             table = self.sink.table(conn)
             self.sink.delete_scope(conn, interval)
             self.sink.write(conn, [Pending(self.sink.to_row(r, interval, table), r) for r in rows])
             if store_conn is not None:
-                version = self.ledger.commit(claim, reason="rollback", rows_written=len(rows),
-                                             checksum=target.checksum, connection=store_conn)
+                version = self.ledger.commit(
+                    claim, reason="rollback", rows_written=len(rows), checksum=target.checksum, connection=store_conn
+                )
         if store_conn is None:
             version = self.ledger.commit(claim, reason="rollback", rows_written=len(rows), checksum=target.checksum)
         self._event("rollback", interval, ctx, {"to_version": to_version, "new_version": version})

@@ -136,6 +136,11 @@ class SqlSink:
             row[self.spec.interval_column] = interval.start
         if self.spec.timestamp_column:
             stamp = row.get(self.spec.timestamp_column)
+            if isinstance(stamp, str):  # SQLite hands timestamps back as text
+                try:
+                    stamp = row[self.spec.timestamp_column] = dt.datetime.fromisoformat(stamp)
+                except ValueError:
+                    raise RowRejected(f"{self.spec.timestamp_column}={stamp!r} is not a timestamp") from None
             if stamp is None or not _within(stamp, interval):
                 raise RowRejected(
                     f"{self.spec.timestamp_column}={stamp!r} is outside the interval {interval}; "
@@ -146,7 +151,9 @@ class SqlSink:
             raise RowRejected(f"key columns {missing_keys} are missing")
         return {name: db_value(table.c[name], value) for name, value in row.items()}
 
-    def write(self, conn: sa.Connection, batch: Sequence[Pending]) -> tuple[list[Pending], list[tuple[Pending, Exception]]]:
+    def write(
+        self, conn: sa.Connection, batch: Sequence[Pending]
+    ) -> tuple[list[Pending], list[tuple[Pending, Exception]]]:
         """
         Write ``batch``; returns (written, rejected with their errors).
 
@@ -194,7 +201,9 @@ class SqlSink:
 
     def _write_rows(self, conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         if self.spec.write_strategy == "upsert":
-            dialects.bulk_upsert(conn, table, _last_per_key(rows, self.spec.key_columns), key_columns=self.spec.key_columns)
+            dialects.bulk_upsert(
+                conn, table, _last_per_key(rows, self.spec.key_columns), key_columns=self.spec.key_columns
+            )
         else:
             dialects.bulk_insert(conn, table, rows)
 
@@ -207,9 +216,8 @@ def _last_per_key(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[
 
 def db_value(column: sa.Column[Any], value: Any) -> Any:
     """Aware datetimes become naive UTC for columns without a time zone (what every dialect stores there)."""
-    if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        if not getattr(column.type, "timezone", False):
-            return value.astimezone(dt.UTC).replace(tzinfo=None)
+    if isinstance(value, dt.datetime) and value.tzinfo is not None and not getattr(column.type, "timezone", False):
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
     return value
 
 

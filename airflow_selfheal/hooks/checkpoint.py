@@ -249,8 +249,13 @@ class CheckpointHook(SelfHealStoreHook):
         start: dt.datetime | None = None,
         end: dt.datetime | None = None,
         statuses: Sequence[str] | None = None,
+        connection: sa.Connection | None = None,
     ) -> list[LedgerEntry]:
-        """Ledger rows of ``pipeline`` whose interval lies within ``[start, end]``, oldest first."""
+        """
+        Ledger rows of ``pipeline`` whose interval lies within ``[start, end]``, oldest first.
+
+        :param connection: read inside the caller's transaction (SQLite cannot open a second one).
+        """
         table = self.tables.intervals
         query = sa.select(table).where(table.c.pipeline == pipeline)
         if start is not None:
@@ -259,7 +264,7 @@ class CheckpointHook(SelfHealStoreHook):
             query = query.where(table.c.interval_end <= Interval(end, end).end)
         if statuses:
             query = query.where(table.c.status.in_(list(statuses)))
-        with self.engine.connect() as conn:
+        with self.begin(connection) as conn:
             rows = conn.execute(query.order_by(table.c.interval_start, table.c.interval_end)).mappings().all()
         return [_entry(row) for row in rows]
 
@@ -422,9 +427,11 @@ class CheckpointHook(SelfHealStoreHook):
     def archived_rows(self, pipeline: str, interval: Interval, version: int) -> list[dict[str, Any]] | None:
         """The rows ``version`` wrote, or ``None`` if that version is not in the archive."""
         table = self.tables.archived_rows
-        query = sa.select(table.c.row_json).where(
-            _key_clause(table, pipeline, interval), table.c.version == version
-        ).order_by(table.c.id)
+        query = (
+            sa.select(table.c.row_json)
+            .where(_key_clause(table, pipeline, interval), table.c.version == version)
+            .order_by(table.c.id)
+        )
         with self.engine.connect() as conn:
             texts = list(conn.execute(query).scalars())
         if not texts:

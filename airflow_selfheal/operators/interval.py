@@ -140,9 +140,9 @@ class SelfHealIntervalOperator(BaseOperator):
         return IntervalEngine(
             settings=settings,
             source=self.make_source(context),
-            sink=self.sink_spec if self.sink_spec.table == self.destination_table else SinkSpec(
-                **{**self.sink_spec.__dict__, "table": self.destination_table}
-            ),
+            sink=self.sink_spec
+            if self.sink_spec.table == self.destination_table
+            else SinkSpec(**{**self.sink_spec.__dict__, "table": self.destination_table}),
             destination_conn_id=self.destination_conn_id,
             transform=self.transform,
             selfheal_conn_id=self.selfheal_conn_id,
@@ -189,7 +189,7 @@ class SelfHealIntervalOperator(BaseOperator):
 
     def run_engine(self, engine: IntervalEngine, interval: Interval, ctx: RunContext, context: Any) -> dict[str, Any]:
         """Run one interval; permanent errors fail the task without burning Airflow retries."""
-        guard: Callable[[], Any] | None = None
+        guard: Callable[[Any], Any] | None = None
         if self.circuit_breaker is not None:
             guard = self.circuit_breaker.guard
         try:
@@ -202,8 +202,5 @@ class SelfHealIntervalOperator(BaseOperator):
             if self.classifier.is_transient(error):
                 raise  # Airflow's retries (and retry_policy) take over
             hint = self.classifier.explain(error)
-            raise AirflowFailException(
-                f"{type(error).__name__}: {error}\n-- not retried: {hint}"
-            ) from error
+            raise AirflowFailException(f"{type(error).__name__}: {error}\n-- not retried: {hint}") from error
         return summary.as_dict()
-

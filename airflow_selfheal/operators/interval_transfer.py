@@ -54,6 +54,6 @@ class SqlIntervalTransferOperator(SelfHealIntervalOperator):
                 "interval_start": interval.start,
                 "interval_end": interval.end,
             }
-            return str(self.render_template(self.sql, window_context))
+            return str(self.render_template(self.sql, window_context))  # type: ignore[arg-type]
 
         return SqlSource(conn_id=self.source_conn_id, render_sql=render, parameters=self.parameters)

@@ -88,14 +88,20 @@ def bulk_insert(connection: sa.Connection, table: sa.Table, rows: Sequence[Mappi
     """
     if not rows:
         return
-    driver = connection.connection.driver_connection
-    if connection.dialect.name == "postgresql" and hasattr(driver, "cursor") and connection.dialect.driver == "psycopg":
+    driver: Any = connection.connection.driver_connection
+    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
         columns = list(rows[0].keys())
         column_list = ", ".join(connection.dialect.identifier_preparer.quote(c) for c in columns)
         target = connection.dialect.identifier_preparer.format_table(table)
-        with driver.cursor() as cursor, cursor.copy(f"COPY {target} ({column_list}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row([row[c] for c in columns])
+        statement = f"COPY {target} ({column_list}) FROM STDIN"
+        dbapi_error = connection.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row([row[c] for c in columns])
+        except dbapi_error as error:
+            # Surface driver errors the way SQLAlchemy would, so callers handle one error family.
+            raise sa.exc.DBAPIError.instance(statement, None, error, dbapi_error, dialect=connection.dialect) from error
         return
     # SQLAlchemy batches executemany INSERTs into multi-row VALUES ("insertmanyvalues").
     connection.execute(sa.insert(table), list(rows))
