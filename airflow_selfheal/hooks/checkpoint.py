@@ -108,6 +108,7 @@ class CheckpointHook(SelfHealStoreHook):
 
         :param reprocess: also claim a ``done`` interval (a rerun that will write a new version).
         :param stale_after: a ``running`` claim older than this is presumed dead and may be taken over.
+            A running claim of an earlier try of the same ``run_id`` is taken over at once.
         """
         table = self.tables.intervals
         token = str(uuid.uuid4())
@@ -141,6 +142,12 @@ class CheckpointHook(SelfHealStoreHook):
             table.c.status == FAILED,
             sa.and_(table.c.status == RUNNING, table.c.claimed_at < now - stale_after),
         ]
+        if run_id is not None and try_number is not None:
+            # Airflow starts a new try only once the previous one has ended (or was declared dead),
+            # so a running claim of an earlier try of the same run is an orphan: take it over now.
+            claimable.append(
+                sa.and_(table.c.status == RUNNING, table.c.run_id == run_id, table.c.try_number < try_number)
+            )
         if reprocess:
             claimable.append(table.c.status == DONE)
         with self.begin() as conn:
