@@ -1,0 +1,1 @@
+"""Healing primitives: error classification, in-task retries and Airflow retry policies."""
