@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,9 +10,11 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_selfheal.engine.batch import run_intervals
 from airflow_selfheal.engine.engine import EngineSettings, IntervalEngine, RunContext, Transform
 from airflow_selfheal.engine.sinks import SinkSpec
 from airflow_selfheal.engine.sources import RecordSource
+from airflow_selfheal.exceptions import OrderingGapError, SelfHealError
 from airflow_selfheal.intervals import Interval
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,18 @@ class SelfHealIntervalOperator(BaseOperator):
     :param selfheal_conn_id: connection of the state store (default ``[selfheal] conn_id``).
     :param table_prefix: prefix of the state tables.
     :param circuit_breaker: an optional :class:`~airflow_selfheal.breaker.CircuitBreaker` guarding the source.
+    :param on_gap: what an ordered pipeline does when an earlier interval is missing: ``fail`` (fail
+        the task, naming the gap) or ``retry`` (leave it to Airflow's retries, e.g. while catch-up
+        fills the gap).
+    :param lookback: after its own interval, reprocess the last k done intervals (late-arriving
+        data), each as a new version with reason ``lookback``.
+    :param catch_up: make this task the pipeline's batched catch-up: instead of its own window it
+        processes missed intervals (from the DAG's timetable, oldest first) before its window.
+        Give such a task its own pool and a low ``priority_weight`` so scheduled runs stay on time.
+    :param catch_up_max_intervals: most intervals one catch-up task instance processes.
+    :param catch_up_budget: time budget of one catch-up task instance; it stops before starting
+        an interval once the budget is spent.
+    :param catch_up_horizon: how far back catch-up looks (default: the DAG's start date).
     """
 
     template_fields: Sequence[str] = ("pipeline", "destination_table")
@@ -76,9 +91,29 @@ class SelfHealIntervalOperator(BaseOperator):
         selfheal_conn_id: str | None = None,
         table_prefix: str | None = None,
         circuit_breaker: Any = None,
+        on_gap: str = "fail",
+        lookback: int = 0,
+        catch_up: bool = False,
+        catch_up_max_intervals: int = 100,
+        catch_up_budget: dt.timedelta | None = dt.timedelta(minutes=30),
+        catch_up_horizon: dt.timedelta | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if on_gap not in ("fail", "retry"):
+            raise ValueError(f"on_gap={on_gap!r} must be 'fail' or 'retry'")
+        if lookback < 0:
+            raise ValueError(f"lookback={lookback} must be >= 0")
+        if catch_up_max_intervals < 1:
+            raise ValueError(f"catch_up_max_intervals={catch_up_max_intervals} must be >= 1")
+        if catch_up and lookback:
+            raise ValueError("lookback belongs to the real-time task, not to a catch_up=True task")
+        self.on_gap = on_gap
+        self.lookback = lookback
+        self.catch_up = catch_up
+        self.catch_up_max_intervals = catch_up_max_intervals
+        self.catch_up_budget = catch_up_budget
+        self.catch_up_horizon = catch_up_horizon
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
         self.destination_conn_id = destination_conn_id
@@ -185,7 +220,81 @@ class SelfHealIntervalOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         engine = self.build_engine(context)
         interval = self.window(context)
-        return self.run_engine(engine, interval, self.run_context(context), context)
+        if self.catch_up:
+            return self.execute_catch_up(engine, interval, context)
+        result = self.run_engine(engine, interval, self.run_context(context), context)
+        if self.lookback:
+            result["lookback"] = self.run_lookback(engine, interval, context)
+        return result
+
+    def missed_intervals(self, engine: IntervalEngine, before: Interval, context: Any) -> list[Interval]:
+        """Intervals the timetable expected before ``before`` that are missing, failed or stale, oldest first."""
+        from airflow_selfheal.timetables import expected_intervals
+
+        dag = context["dag"]
+        if self.catch_up_horizon is not None:
+            horizon = before.start - self.catch_up_horizon
+        elif dag.start_date is not None:
+            horizon = Interval(dag.start_date, dag.start_date).start
+        else:
+            raise ValueError("catch_up needs catch_up_horizon or a DAG start_date to know how far back to look")
+        expected = expected_intervals(dag.timetable, horizon, before.start)
+        gaps = engine.ledger.gaps(
+            engine.settings.pipeline,
+            start=horizon,
+            end=before.start,
+            expected=expected,
+            stale_after=engine.settings.stale_after,
+        )
+        return [gap.interval for gap in gaps]
+
+    def execute_catch_up(self, engine: IntervalEngine, window: Interval, context: Any) -> dict[str, Any]:
+        """Batched catch-up: process missed intervals before ``window`` within the limits, oldest first."""
+        missed = self.missed_intervals(engine, window, context)
+        todo = missed[: self.catch_up_max_intervals]
+        log.info("Catch-up of %s: %s missed intervals, processing %s", engine.settings.pipeline, len(missed), len(todo))
+        base = self.run_context(context)
+
+        def context_for(_interval: Interval) -> RunContext:
+            return RunContext(
+                reason="catch-up",
+                dag_id=base.dag_id,
+                task_id=base.task_id,
+                run_id=base.run_id,
+                try_number=base.try_number,
+            )
+
+        summary = run_intervals(
+            engine,
+            todo,
+            context_for=context_for,
+            budget_seconds=None if self.catch_up_budget is None else self.catch_up_budget.total_seconds(),
+            stop_on_failure=engine.settings.ordered,
+        )
+        result = summary.as_dict()
+        result["missed"] = len(missed)
+        if summary.failed:
+            # Retryable on purpose: the next try (or run) picks the failed intervals up again.
+            raise SelfHealError(
+                f"catch-up of {engine.settings.pipeline}: {len(summary.failed)} intervals failed: {summary.failed[:5]}"
+            )
+        return result
+
+    def run_lookback(self, engine: IntervalEngine, window: Interval, context: Any) -> list[dict[str, Any]]:
+        """Reprocess the last ``lookback`` done intervals before ``window`` (late-arriving data)."""
+        done = engine.ledger.entries(engine.settings.pipeline, end=window.start, statuses=["done"])
+        base = self.run_context(context)
+        results = []
+        for entry in done[-self.lookback :]:
+            ctx = RunContext(
+                reason="lookback",
+                dag_id=base.dag_id,
+                task_id=base.task_id,
+                run_id=base.run_id,
+                try_number=base.try_number,
+            )
+            results.append(self.run_engine(engine, entry.interval, ctx, context))
+        return results
 
     def run_engine(self, engine: IntervalEngine, interval: Interval, ctx: RunContext, context: Any) -> dict[str, Any]:
         """Run one interval; permanent errors fail the task without burning Airflow retries."""
@@ -198,6 +307,10 @@ class SelfHealIntervalOperator(BaseOperator):
             else:
                 with guard(context):
                     summary = engine.run(interval, ctx)
+        except OrderingGapError:
+            if self.on_gap == "retry":
+                raise SelfHealError("ordered pipeline waits for an earlier interval; retrying later") from None
+            raise
         except Exception as error:
             if self.classifier.is_transient(error):
                 raise  # Airflow's retries (and retry_policy) take over
