@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.airflow_harness"]
+
 # Airflow reads its environment at import time: isolate it before anything imports airflow.
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="selfheal-tests-"))
 os.environ["AIRFLOW_HOME"] = str(_SESSION_DIR / "airflow")
