@@ -53,6 +53,7 @@ def get_provider_info() -> dict[str, Any]:
                 "hook-name": "Airflow REST API (self-heal)",
             }
         ],
+        "cli": ["airflow_selfheal.cli.definition.get_selfheal_cli_commands"],
         "config": {
             "selfheal": {
                 "description": "Where airflow-selfheal keeps its state.",

@@ -1,0 +1,95 @@
+"""``airflow selfheal status`` and ``airflow selfheal gaps``: where each pipeline stands."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from typing import Any
+
+from airflow_selfheal.cli import breakers
+from airflow_selfheal.cli.common import (
+    STRUCTURED,
+    CliError,
+    Store,
+    command,
+    emit,
+    open_store,
+    parse_time,
+    print_structured,
+    shorten,
+)
+from airflow_selfheal.store.schema import FAILED, PARKED, PENDING, REDRIVING
+from airflow_selfheal.store.types import utcnow
+
+
+def pipeline_status(store: Store, pipeline: str, now: dt.datetime) -> dict[str, Any]:
+    """
+    One pipeline's health: completeness (watermark, gaps), freshness (newest done, lag), dead letters.
+
+    Gaps are derived from the ledger alone (no timetable here): missing stretches, failed and stale
+    intervals between the first ledger interval and the end of the newest one.
+    """
+    ledger = store.ledger
+    entries = ledger.entries(pipeline)
+    newest = ledger.newest_done(pipeline)
+    gaps = []
+    if entries:
+        gaps = ledger.gaps(pipeline, start=entries[0].interval.start, end=max(e.interval.end for e in entries))
+    counts = store.letters.status_counts(pipeline=pipeline)
+    return {
+        "pipeline": pipeline,
+        "watermark": ledger.watermark(pipeline),
+        "newest_done_start": newest.interval.start if newest else None,
+        "newest_done_end": newest.interval.end if newest else None,
+        "lag": now - newest.interval.end if newest else None,
+        "gaps": len(gaps),
+        "dead_letters_pending": counts[PENDING],
+        "dead_letters_redriving": counts[REDRIVING],
+        "dead_letters_parked": counts[PARKED],
+    }
+
+
+@command
+def status(args: argparse.Namespace) -> None:
+    store = open_store(args)
+    if args.pipeline:
+        store.require_pipeline(args.pipeline)
+    names = [args.pipeline] if args.pipeline else store.pipelines()
+    now = utcnow()
+    pipelines = [pipeline_status(store, name, now) for name in names]
+    # Breakers guard dependencies, not pipelines, so they are listed once, whole.
+    breaker_rows = breakers.for_output(breakers.breaker_rows(store), args.output)
+    if args.output in STRUCTURED:
+        print_structured({"pipelines": pipelines, "breakers": breaker_rows}, args.output)
+        return
+    emit(pipelines, args.output, empty="No pipelines in the state store yet")
+    print()
+    emit(breaker_rows, args.output, empty="No circuit breakers")
+
+
+@command
+def gaps(args: argparse.Namespace) -> None:
+    store = open_store(args)
+    store.require_pipeline(args.pipeline)
+    entries = store.ledger.entries(args.pipeline)
+    start = parse_time(args.start, option="--start") if args.start else None
+    end = parse_time(args.end, option="--end") if args.end else None
+    if entries:
+        start = start or entries[0].interval.start
+        end = end or max(e.interval.end for e in entries)
+    if start is None or end is None:
+        raise CliError(f"pipeline {args.pipeline!r} has no ledger intervals yet: give both --start and --end")
+    if end <= start:
+        raise CliError(f"--end {end.isoformat()} must be after --start {start.isoformat()}")
+    errors = {e.interval: e.error for e in entries if e.status == FAILED}
+    wide = args.output in STRUCTURED
+    rows = [
+        {
+            "start": gap.interval.start,
+            "end": gap.interval.end,
+            "status": gap.status,
+            "error": errors.get(gap.interval) if wide else shorten(errors.get(gap.interval), 80),
+        }
+        for gap in store.ledger.gaps(args.pipeline, start=start, end=end)
+    ]
+    emit(rows, args.output, empty=f"No gaps between {start.isoformat()} and {end.isoformat()}")
