@@ -457,3 +457,11 @@ def airflow_server() -> Iterator[AirflowServer]:
 def airflow_api_conn_id(airflow_server: AirflowServer) -> str:
     """Id of a ``selfheal_airflow_api`` connection to ``airflow_server`` (also set in the tasks' environment)."""
     return API_CONN_ID
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so `-m "not airflow_server"` skips these too
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the real server, even where its author forgot the marker."""
+    for item in items:
+        if "airflow_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.airflow_server)
