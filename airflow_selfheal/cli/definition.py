@@ -23,10 +23,12 @@ _DLQ_STATUSES = ("pending", "redriving", "resolved", "parked", "discarded")
 # -- options every command takes --------------------------------------------------------------
 ARG_CONN_ID = Arg(
     ("--conn-id",),
-    help="Airflow connection of the state store (default: [selfheal] conn_id, itself selfheal_default)",
+    help="Airflow connection of the state store (default: the selfheal conn_id setting, itself selfheal_default)",
 )
-ARG_TABLE_PREFIX = Arg(("--table-prefix",), help="Prefix of the state tables (default: [selfheal] table_prefix)")
-ARG_SCHEMA = Arg(("--schema",), help="Schema/database of the state tables (default: [selfheal] schema)")
+ARG_TABLE_PREFIX = Arg(
+    ("--table-prefix",), help="Prefix of the state tables (default: the selfheal table_prefix setting)"
+)
+ARG_SCHEMA = Arg(("--schema",), help="Schema/database of the state tables (default: the selfheal schema setting)")
 STORE_ARGS = (ARG_CONN_ID, ARG_TABLE_PREFIX, ARG_SCHEMA, ARG_OUTPUT, ARG_VERBOSE)
 
 # -- per-command options ----------------------------------------------------------------------
@@ -59,6 +61,7 @@ ARG_OPEN_FOR = Arg(
     ("--open-for",),
     help="Seconds until a probe may go through (default: stay open until 'breaker reset')",
     type=positive_int(allow_zero=False),
+    metavar="SECONDS",
 )
 ARG_REASON = Arg(("--reason",), help="Why, kept as the breaker's last error and in its heal event")
 

@@ -366,7 +366,8 @@ class DeadLetterHook(SelfHealStoreHook):
         this claim's token, which :meth:`redrive_succeeded` and :meth:`redrive_failed` check.
 
         :param limit: most letters to claim (a batch); at least 1.
-        :param older_than: only letters last seen longer ago than this (let a fresh failure settle).
+        :param older_than: only letters last seen longer ago than this (let a fresh failure settle). A
+            failed redrive moves ``last_seen``, so this also spaces out the redrives of one letter.
         :param stale_after: age after which another redrive's claim is presumed dead.
         """
         if limit < 1:
