@@ -203,7 +203,8 @@ class SelfHealIntervalOperator(BaseOperator):
         """Who runs the interval, and why (the version's reason)."""
         dag_run = context.get("dag_run")
         ti = context.get("ti")
-        run_type = str(getattr(dag_run, "run_type", "") or "").lower().rsplit(".", 1)[-1]
+        run_type_value = getattr(dag_run, "run_type", None)
+        run_type = str(getattr(run_type_value, "value", run_type_value) or "").lower()
         conf = getattr(dag_run, "conf", None) or {}
         try_number = getattr(ti, "try_number", None)
         reason = conf.get("selfheal_reason") or _RUN_TYPE_REASONS.get(run_type, "manual")
