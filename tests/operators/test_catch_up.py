@@ -17,7 +17,7 @@ from airflow_selfheal.hooks.heal_events import HealEventHook
 from airflow_selfheal.intervals import Interval
 from airflow_selfheal.operators.catch_up import CatchUpOperator, MissedRun, contiguous_ranges, find_gaps
 from airflow_selfheal.timetables import ExpectedRun, NoDataWindowError, expected_runs
-from tests.airflow_harness import AirflowServer
+from tests.airflow_harness import AirflowDb, AirflowServer
 from tests.conftest import _prefix_for, database_for
 
 UTC = dt.UTC
@@ -131,6 +131,42 @@ def test_arguments_are_validated_when_the_dag_is_parsed() -> None:
         pytest.raises(NoDataWindowError, match="schedule=None"),
     ):
         CatchUpOperator(task_id="c", pipeline="orders")
+
+
+# -- as a real task ------------------------------------------------------------------------------------
+
+
+def test_runs_as_a_task_with_the_dags_own_timetable(airflow_db: AirflowDb, sqlite_prefix: str) -> None:
+    """Under dag.test(): templated pipeline, the task context's DAG and timetable, the XCom summary."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    store = database_for("sqlite").conn_id
+    now = dt.datetime.now(UTC)
+    with DAG("catch_up_as_task", schedule="@hourly", start_date=now - 2 * dt.timedelta(days=1), catchup=False) as dag:
+        CatchUpOperator(
+            task_id="catch_up",
+            pipeline="{{ dag.dag_id }}",
+            selfheal_conn_id=store,
+            table_prefix=sqlite_prefix,
+            horizon=dt.timedelta(hours=6),
+        )
+    ledger = CheckpointHook(store, table_prefix=sqlite_prefix)
+    # Everything in the horizon is done (up to an hour ahead, should the clock pass an hour meanwhile).
+    for run in expected_runs(dag, now - 7 * HOUR, now + 2 * HOUR):
+        claim = ledger.try_claim("catch_up_as_task", run.interval)
+        assert claim is not None
+        ledger.commit(claim, reason="scheduled")
+
+    dag_run = airflow_db.run_dag(dag, logical_date=now.replace(minute=0, second=0, microsecond=0))
+
+    assert dag_run.state == "success"
+    with create_session() as session:
+        (xcom,) = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag.dag_id, key="return_value"))
+        summary = XComModel.deserialize_value(xcom)
+    assert summary["pipeline"] == "catch_up_as_task"
+    assert (summary["gaps"], summary["ranges_requested"], summary["ranges_skipped"]) == (0, [], [])
+    assert dt.datetime.fromisoformat(summary["end"]) - dt.datetime.fromisoformat(summary["start"]) == 6 * HOUR
 
 
 # -- the REST path, against a real Airflow -----------------------------------------------------------
