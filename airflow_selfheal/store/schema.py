@@ -160,10 +160,15 @@ def state_tables(prefix: str = "selfheal_", schema: str | None = None) -> StateT
         sa.Column("window_calls", sa.Integer, nullable=False, default=0),
         sa.Column("window_failures", sa.Integer, nullable=False, default=0),
         sa.Column("window_started_at", UtcDateTime),
+        # The sliding window itself (JSON: a count window's outcomes or a time window's buckets);
+        # window_calls/window_failures are its totals at the last update, for people and the CLI.
+        sa.Column("window_data", sa.Text),
         sa.Column("opened_at", UtcDateTime),
         sa.Column("next_probe_at", UtcDateTime),
         sa.Column("open_count", sa.Integer, nullable=False, default=0),
         sa.Column("probes_in_flight", sa.Integer, nullable=False, default=0),
+        # Who holds the half-open probe slots, and since when (JSON list of [owner, ISO time]).
+        sa.Column("probe_leases", sa.Text),
         sa.Column("last_error", sa.Text),
         sa.Column("revision", sa.Integer, nullable=False, default=0),
         sa.Column("updated_at", UtcDateTime, nullable=False),

@@ -1,0 +1,3 @@
+"""Notification helpers: reporting that degrades but never fails a task."""
+
+from __future__ import annotations

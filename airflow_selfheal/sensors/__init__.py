@@ -1,0 +1,3 @@
+"""Sensors of airflow-selfheal."""
+
+from __future__ import annotations

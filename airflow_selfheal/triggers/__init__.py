@@ -1,0 +1,3 @@
+"""Triggers of airflow-selfheal (they run in the triggerer)."""
+
+from __future__ import annotations
