@@ -271,18 +271,23 @@ class CircuitBreaker:
         self, error: BaseException | None, context: Mapping[str, Any] | None = None, *, permit: Permit | None = None
     ) -> None:
         """
-        Report that a call failed (never raises). Transient errors count; others are reported as a
-        ``breaker_error_ignored`` heal event and do not move the breaker.
+        Report that a call failed (never raises).
+
+        Transient errors (per the classifier), task timeouts and failures without an exception (a
+        killed task) count; others, such as bugs, are reported as a ``breaker_error_ignored`` heal
+        event and do not move the breaker.
         """
         self._report_error(self._reporter(context, permit), error, context)
 
     def _report_error(self, caller: Caller, error: BaseException | None, context: Mapping[str, Any] | None) -> None:
+        """Count transient errors and task timeouts; report the rest as ignored."""
         if error is None:
             self._report(caller, Outcome.FAILURE, "the task failed without an exception (killed or timed out)", context)
             return
         text = f"{type(error).__name__}: {error}"
         try:
-            counted = self._classifier().is_transient(error)
+            # A task timeout is never worth a retry, but for a breaker it is the classic sign of a hung dependency.
+            counted = _is_task_timeout(error) or self._classifier().is_transient(error)
         except Exception:
             log.warning("Breaker %s: classifying %r failed; counting it", self.name, error, exc_info=True)
             counted = True
@@ -491,3 +496,9 @@ def _is_control_flow(error: BaseException) -> bool:
     from airflow.sdk.exceptions import AirflowRescheduleException, AirflowSkipException, TaskDeferred
 
     return isinstance(error, AirflowSkipException | AirflowRescheduleException | TaskDeferred)
+
+
+def _is_task_timeout(error: BaseException) -> bool:
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    return isinstance(error, AirflowTaskTimeout)

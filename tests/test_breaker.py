@@ -145,7 +145,19 @@ def test_callbacks_count_once_when_a_guard_already_reported(make_breaker: Any) -
 
 
 @sqlite_only
-def test_notifiers_on_open_and_close_and_a_broken_one_fails_nothing(make_breaker: Any, tmp_path: Path) -> None:
+def test_task_timeouts_and_killed_tasks_count(make_breaker: Any) -> None:
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+
+    breaker: CircuitBreaker = make_breaker(failure_threshold=2)
+    breaker.on_failure(task_context(task_id="a", exception=AirflowTaskTimeout("execution_timeout of 600s")))
+    breaker.on_failure(task_context(task_id="b", exception=None))  # killed: no exception in the context
+    assert breaker.state().state == "open"  # type: ignore[union-attr]
+
+
+@sqlite_only
+def test_notifiers_on_open_and_close_and_a_broken_one_fails_nothing(
+    make_breaker: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "notes.txt"
     good = FileNotifier(out, "{{ circuit_breaker.name }} {{ circuit_breaker.event }}: {{ circuit_breaker.error }}")
     breaker: CircuitBreaker = make_breaker(failure_threshold=1, notifiers=[BrokenNotifier(), good])
@@ -158,6 +170,7 @@ def test_notifiers_on_open_and_close_and_a_broken_one_fails_nothing(make_breaker
         f"{breaker.name} opened: TransientError: upstream 504",
     ], "templates render per notification (the user's template is not consumed by the first one)"
     assert good.message.startswith("{{"), "the user's notifier keeps its template"
+    assert "failed to send breaker opened" in caplog.text and "smtp server is down" in caplog.text
 
 
 @sqlite_only

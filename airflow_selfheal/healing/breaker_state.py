@@ -302,9 +302,10 @@ def record(
     Apply the outcome of a call made by a caller known by ``identities``.
 
     Closed: successes reset the consecutive count, counted failures may open the breaker. Open:
-    outcomes of calls admitted before it opened change nothing. Half-open: only a probe's outcome
-    matters; success closes, a counted failure re-opens with a longer cooldown, an ignored failure
-    gives the slot back.
+    outcomes change nothing during the cooldown; after it, with no probe admitted yet, an outcome
+    acts as the probe's (so breakers driven only by task callbacks heal too). Half-open: only a
+    probe's outcome matters; success closes, a counted failure re-opens with a longer cooldown, an
+    ignored failure gives the slot back.
     """
     if state.state == CLOSED:
         if outcome is Outcome.IGNORED:
@@ -316,7 +317,13 @@ def record(
             return _opened(policy, counted, now, error, None), Transition.OPENED
         return counted, None
     if state.state == OPEN:
-        return state, None
+        if state.next_probe_at is None or now < state.next_probe_at or outcome is Outcome.IGNORED:
+            return state, None  # a call admitted before the breaker opened, or one nobody gated
+        # The cooldown is over and nobody asked to probe (e.g. tasks wired only with the breaker's
+        # callbacks): this outcome is the probe's.
+        if outcome is Outcome.SUCCESS:
+            return _closed(state), Transition.CLOSED
+        return _opened(policy, state, now, error, None), Transition.PROBE_FAILED
     live = _live_probes(policy, state, now)
     if not any(p.owner in identities for p in live):
         # Not a probe (admitted before the breaker opened), or a probe whose slot already expired.

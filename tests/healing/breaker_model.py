@@ -119,7 +119,14 @@ class Model:
                 return "opened"
             return None
         if self.state == "open":
-            return None
+            due = self.next_probe_at is not None and now >= self.next_probe_at
+            if not due or outcome is Outcome.IGNORED:
+                return None
+            if outcome is Outcome.SUCCESS:
+                self._close()
+                return "closed"
+            self._open(now, None)
+            return "probe_failed"
         live = self.live_probes(now)
         holders = set(live) & set(caller)
         if not holders:

@@ -129,3 +129,16 @@ def test_forced_open_without_duration_waits_for_reset() -> None:
 def test_bad_policies_name_the_argument(kwargs: dict[str, object], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         BreakerPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_callbacks_alone_heal_the_breaker_after_the_cooldown() -> None:
+    """No sensor or guard asks to probe: after the cooldown the next reported outcome decides."""
+    policy = BreakerPolicy(failure_threshold=1, open_for=dt.timedelta(minutes=1))
+    state, _ = machine.record(policy, BreakerState(), T0, Outcome.FAILURE, ["task:1"], "503")
+    during = T0 + dt.timedelta(seconds=59)
+    assert machine.record(policy, state, during, Outcome.SUCCESS, ["task:2"])[1] is None, "the cooldown holds"
+    after = T0 + dt.timedelta(minutes=1)
+    reopened, transition = machine.record(policy, state, after, Outcome.FAILURE, ["task:3"], "503 again")
+    assert transition == machine.Transition.PROBE_FAILED and reopened.next_probe_at == after + dt.timedelta(minutes=2)
+    closed, transition = machine.record(policy, state, after, Outcome.SUCCESS, ["task:3"])
+    assert (closed.state, transition) == ("closed", machine.Transition.CLOSED)
