@@ -30,8 +30,13 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_selfheal.hooks.dead_letter",
                     "airflow_selfheal.hooks.heal_events",
                     "airflow_selfheal.hooks.airflow_api",
+                    "airflow_selfheal.hooks.circuit_breaker",
                 ],
             }
+        ],
+        "sensors": [{"integration-name": "Self-heal", "python-modules": ["airflow_selfheal.sensors.circuit_breaker"]}],
+        "triggers": [
+            {"integration-name": "Self-heal", "python-modules": ["airflow_selfheal.triggers.circuit_breaker"]}
         ],
         "operators": [
             {
@@ -40,6 +45,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_selfheal.operators.interval",
                     "airflow_selfheal.operators.interval_transfer",
                     "airflow_selfheal.operators.selfheal_task",
+                    "airflow_selfheal.operators.catch_up",
                 ],
             }
         ],

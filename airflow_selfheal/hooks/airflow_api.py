@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 class AirflowApiError(SelfHealError):
     """The Airflow REST API refused a request; the message carries the status and the body."""
 
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
 
 class AirflowApiHook(BaseHook):
     """
@@ -96,7 +100,10 @@ class AirflowApiHook(BaseHook):
                 time.sleep(attempt)
                 continue
             if response.status_code >= 400:
-                raise AirflowApiError(f"{method} {path} -> {response.status_code}: {response.text[:500]}")
+                raise AirflowApiError(
+                    f"{method} {path} -> {response.status_code}: {response.text[:500]}",
+                    status_code=response.status_code,
+                )
             return response.json() if response.content else None
         raise AssertionError("unreachable")  # pragma: no cover
 

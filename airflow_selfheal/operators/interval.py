@@ -8,13 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_selfheal.engine.batch import run_intervals
 from airflow_selfheal.engine.engine import EngineSettings, IntervalEngine, RunContext, Transform
 from airflow_selfheal.engine.sinks import SinkSpec
 from airflow_selfheal.engine.sources import RecordSource
-from airflow_selfheal.exceptions import OrderingGapError, SelfHealError
+from airflow_selfheal.exceptions import CircuitOpenError, OrderingGapError, SelfHealError
 from airflow_selfheal.intervals import Interval
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,11 @@ class SelfHealIntervalOperator(BaseOperator):
             result["lookback"] = self.run_lookback(engine, interval, context)
         return result
 
+    def execute_after_breaker(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resume after the breaker's trigger fired: run the interval again from the start."""
+        log.info("Circuit breaker may be called again (%s); running the interval", event)
+        return self.execute(context)
+
     def missed_intervals(self, engine: IntervalEngine, before: Interval, context: Any) -> list[Interval]:
         """Intervals the timetable expected before ``before`` that are missing, failed or stale, oldest first."""
         from airflow_selfheal.timetables import expected_intervals
@@ -239,7 +244,7 @@ class SelfHealIntervalOperator(BaseOperator):
             horizon = Interval(dag.start_date, dag.start_date).start
         else:
             raise ValueError("catch_up needs catch_up_horizon or a DAG start_date to know how far back to look")
-        expected = expected_intervals(dag.timetable, horizon, before.start)
+        expected = expected_intervals(dag.timetable, horizon, before.start, anchor=dag.start_date)
         gaps = engine.ledger.gaps(
             engine.settings.pipeline,
             start=horizon,
@@ -308,6 +313,13 @@ class SelfHealIntervalOperator(BaseOperator):
             else:
                 with guard(context):
                     summary = engine.run(interval, ctx)
+        except AirflowSkipException:
+            raise  # breaker open with when_open="skip": the interval stays missing for catch-up
+        except CircuitOpenError as error:
+            if self.circuit_breaker.when_open == "wait":
+                # Hand the worker slot back; the triggerer wakes us when the breaker may be probed.
+                self.defer(trigger=self.circuit_breaker.trigger(), method_name="execute_after_breaker")
+            raise AirflowFailException(str(error)) from error
         except OrderingGapError:
             if self.on_gap == "retry":
                 raise SelfHealError("ordered pipeline waits for an earlier interval; retrying later") from None
