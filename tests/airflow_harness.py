@@ -11,6 +11,8 @@ that ``dag.test()`` could parse, so it has to be synced explicitly.
 in its own process group, on a fresh PostgreSQL metadata database; returns :class:`AirflowServer`.
 ``airflow_api_conn_id`` is the id of an Airflow connection (type ``selfheal_airflow_api``) to that
 server, visible to the test process and to the tasks the server runs.
+
+:func:`airflow_stack` is the same stack as a context manager, for scripts outside pytest (benchmarks/).
 """
 
 from __future__ import annotations
@@ -398,17 +400,27 @@ def _server_env(root: Path, port: int, password: str, metadata_url: str) -> dict
     return {**os.environ, **overrides}
 
 
-@pytest.fixture(scope="session")
-def airflow_server() -> Iterator[AirflowServer]:
-    """A real Airflow (api-server, scheduler, dag-processor, triggerer) on PostgreSQL; ~25 s to start."""
+class MetadataDatabaseUnavailable(AirflowServerError):
+    """PostgreSQL for the metadata database cannot be reached."""
+
+
+@contextlib.contextmanager
+def airflow_stack() -> Iterator[AirflowServer]:
+    """
+    Start a real Airflow (api-server, scheduler, dag-processor, triggerer) on a fresh PostgreSQL
+    metadata database; stop it and drop everything it created on exit. ~25 s to start.
+
+    Usable outside pytest (benchmarks/). ``AIRFLOW_CONN_SELFHEAL_TEST_AIRFLOW_API`` is set in this
+    process while the stack runs, so the caller can reach it through that connection too.
+
+    :raises MetadataDatabaseUnavailable: PostgreSQL is not reachable.
+    :raises AirflowServerError: the stack did not become healthy.
+    """
     url = _postgres_admin_url()
     try:
         admin = _postgres_admin(url)
     except Exception as exc:
-        message = f"PostgreSQL for the metadata database is not reachable ({exc})"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        raise MetadataDatabaseUnavailable(f"PostgreSQL for the metadata database is not reachable ({exc})") from exc
     metadata_db = f"selfheal_meta_{secrets.token_hex(4)}"
     with admin:
         admin.execute(f'CREATE DATABASE "{metadata_db}"')
@@ -428,7 +440,7 @@ def airflow_server() -> Iterator[AirflowServer]:
     (root / "passwords.json").write_text(json.dumps({ADMIN_USER: password}))
     env = _server_env(root, port, password, metadata_url)
     conn_var = f"AIRFLOW_CONN_{API_CONN_ID.upper()}"
-    os.environ[conn_var] = env[conn_var]  # the test process talks to the same server
+    os.environ[conn_var] = env[conn_var]  # the calling process talks to the same server
     server = AirflowServer(root, env, port, password, metadata_db)
 
     def cleanup() -> None:
@@ -439,18 +451,33 @@ def airflow_server() -> Iterator[AirflowServer]:
         if not os.environ.get("SELFHEAL_KEEP_AIRFLOW_HOME"):
             shutil.rmtree(root, ignore_errors=True)
 
-    atexit.register(cleanup)  # also when the session dies before fixture teardown
+    atexit.register(cleanup)  # also when the process dies before the normal exit
     try:
         started = time.monotonic()
-        try:
-            server.start()
-        except Exception as exc:
-            pytest.fail(f"could not start a real Airflow: {exc}", pytrace=False)
+        server.start()
         server.startup_seconds = time.monotonic() - started
         yield server
     finally:
         cleanup()
         atexit.unregister(cleanup)
+
+
+@pytest.fixture(scope="session")
+def airflow_server() -> Iterator[AirflowServer]:
+    """A real Airflow (api-server, scheduler, dag-processor, triggerer) on PostgreSQL; ~25 s to start."""
+    stack = airflow_stack()
+    try:
+        server = stack.__enter__()
+    except MetadataDatabaseUnavailable as exc:
+        if IN_CI:
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    except Exception as exc:
+        pytest.fail(f"could not start a real Airflow: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        stack.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="session")
