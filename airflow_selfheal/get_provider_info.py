@@ -46,6 +46,7 @@ def get_provider_info() -> dict[str, Any]:
                     "airflow_selfheal.operators.interval_transfer",
                     "airflow_selfheal.operators.selfheal_task",
                     "airflow_selfheal.operators.catch_up",
+                    "airflow_selfheal.operators.redrive",
                 ],
             }
         ],

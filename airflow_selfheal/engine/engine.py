@@ -117,7 +117,7 @@ class RunContext:
     try_number: int | None = None
 
 
-class _Checksum:
+class Checksum:
     """Order-independent content checksum: the sum of per-row SHA-256 prefixes modulo 2**128."""
 
     def __init__(self) -> None:
@@ -137,7 +137,7 @@ class _Attempt:
     rows_read: int = 0
     written: int = 0
     dead: list[FailedRecord] = field(default_factory=list)
-    checksum: _Checksum = field(default_factory=_Checksum)
+    checksum: Checksum = field(default_factory=Checksum)
     resolved_identities: list[str] = field(default_factory=list)
 
 
@@ -340,7 +340,7 @@ class IntervalEngine:
         pending: list[Pending] = []
         for record in chunk:
             try:
-                for out in self._transformed(record):
+                for out in self.transformed(record):
                     pending.append(Pending(self.sink.to_row(out, interval, table), record))
             except RowRejected as error:
                 attempt.dead.append(self._failed(record, error, "write", interval, ctx))
@@ -358,7 +358,7 @@ class IntervalEngine:
             sources = {id(item.source): item.source for item in written}
             attempt.resolved_identities.extend(self.identity(source) for source in sources.values())
 
-    def _transformed(self, record: Any) -> Iterable[Any]:
+    def transformed(self, record: Any) -> Iterable[Any]:
         if self.transform is None:
             return (record,)
         out = self.transform(record)

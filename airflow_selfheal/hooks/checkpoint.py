@@ -240,6 +240,26 @@ class CheckpointHook(SelfHealStoreHook):
             )
         return result.rowcount == 1
 
+    def release(self, claim: IntervalClaim, *, connection: sa.Connection | None = None) -> bool:
+        """
+        Give a claim back without a new version: the interval returns to the status it had.
+
+        For work that claimed an interval and then wrote nothing (e.g. a redrive that was refused).
+        A never-seen interval's row is removed, so it counts as missing again.
+        """
+        table = self.tables.intervals
+        key = sa.and_(_key_clause(table, claim.pipeline, claim.interval), table.c.claim_token == claim.token)
+        with self.begin(connection) as conn:
+            if claim.previous_status is None:
+                result = conn.execute(sa.delete(table).where(key))
+            else:
+                result = conn.execute(
+                    sa.update(table)
+                    .where(key)
+                    .values(status=claim.previous_status, claim_token=None, updated_at=utcnow())
+                )
+        return result.rowcount == 1
+
     # -- reading ------------------------------------------------------------------------------
 
     def get(self, pipeline: str, interval: Interval) -> LedgerEntry | None:
