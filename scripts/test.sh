@@ -4,7 +4,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/bootstrap.sh
+bash scripts/ensure_databases.sh
 export PATH="$root/.venv/bin:$PATH"
-echo "== ruff"; ruff check airflow_selfheal dags tests benchmarks
+echo "== ruff"; ruff check .
 echo "== mypy"; mypy
 echo "== pytest"; python -m pytest "$@"
