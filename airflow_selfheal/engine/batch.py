@@ -27,9 +27,10 @@ class BatchSummary:
     rows_written: int = 0
     rows_dead_lettered: int = 0
     seconds: float = 0.0
+    last_error: BaseException | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "last_error"}
 
 
 def run_intervals(
@@ -65,6 +66,7 @@ def run_intervals(
         try:
             result = engine.run(interval, context_for(interval))
         except Exception as error:
+            summary.last_error = error
             summary.failed.append({"interval": str(interval), "error": f"{type(error).__name__}: {error}"[:500]})
             log.warning("Catch-up of %s failed: %s", interval, error)
             if stop_on_failure:

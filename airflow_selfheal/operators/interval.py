@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -228,6 +228,13 @@ class SelfHealIntervalOperator(BaseOperator):
             result["lookback"] = self.run_lookback(engine, interval, context)
         return result
 
+    def _circuit_open(self, error: CircuitOpenError) -> NoReturn:
+        """The breaker refused the call: defer until it may be probed (``wait``) or fail (``fail``)."""
+        if self.circuit_breaker.when_open == "wait":
+            # Hand the worker slot back; the triggerer wakes us when the breaker may be probed.
+            self.defer(trigger=self.circuit_breaker.trigger(), method_name="execute_after_breaker")
+        raise AirflowFailException(str(error)) from error
+
     def execute_after_breaker(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
         """Resume after the breaker's trigger fired: run the interval again from the start."""
         log.info("Circuit breaker may be called again (%s); running the interval", event)
@@ -270,6 +277,13 @@ class SelfHealIntervalOperator(BaseOperator):
                 try_number=base.try_number,
             )
 
+        # The batch is one call to the dependency as far as the breaker is concerned.
+        breaker, permit = self.circuit_breaker, None
+        if breaker is not None and todo:
+            try:
+                permit = breaker.allow_call(context)
+            except CircuitOpenError as error:
+                self._circuit_open(error)
         summary = run_intervals(
             engine,
             todo,
@@ -277,6 +291,11 @@ class SelfHealIntervalOperator(BaseOperator):
             budget_seconds=None if self.catch_up_budget is None else self.catch_up_budget.total_seconds(),
             stop_on_failure=engine.settings.ordered,
         )
+        if permit is not None:
+            if summary.last_error is not None:
+                breaker.record_failure(summary.last_error, context, permit=permit)
+            else:
+                breaker.record_success(context, permit=permit)
         result = summary.as_dict()
         result["missed"] = len(missed)
         if summary.failed:
@@ -316,10 +335,7 @@ class SelfHealIntervalOperator(BaseOperator):
         except AirflowSkipException:
             raise  # breaker open with when_open="skip": the interval stays missing for catch-up
         except CircuitOpenError as error:
-            if self.circuit_breaker.when_open == "wait":
-                # Hand the worker slot back; the triggerer wakes us when the breaker may be probed.
-                self.defer(trigger=self.circuit_breaker.trigger(), method_name="execute_after_breaker")
-            raise AirflowFailException(str(error)) from error
+            self._circuit_open(error)
         except OrderingGapError:
             if self.on_gap == "retry":
                 raise SelfHealError("ordered pipeline waits for an earlier interval; retrying later") from None

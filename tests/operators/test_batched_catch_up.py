@@ -92,3 +92,46 @@ def test_batched_catch_up_fills_the_past_oldest_first_then_realtime_commits(airf
         interval = Interval(T0 + hour * HOUR, T0 + (hour + 1) * HOUR)
         assert [v.reason for v in ledger.versions("events", interval)] == ["catch-up", "lookback"]
     assert [v.reason for v in ledger.versions("events", Interval(T0 + 9 * HOUR, T0 + 10 * HOUR))] == ["manual"]
+
+
+def test_batched_catch_up_respects_an_open_circuit_breaker(airflow_db, setup) -> None:
+    from airflow_selfheal.breaker import CircuitBreaker
+
+    calls = {"n": 0}
+    breaker = CircuitBreaker(
+        f"catch_up_{setup['prefix']}",
+        failure_threshold=2,
+        when_open="skip",
+        selfheal_conn_id=setup["conn"],
+        table_prefix=setup["prefix"],
+    )
+    with DAG(dag_id=f"{setup['dag']}_breaker", schedule="@hourly", start_date=T0, catchup=False) as dag:
+
+        @task.selfheal(
+            task_id="catch_up",
+            catch_up=True,
+            circuit_breaker=breaker,
+            pipeline="guarded",
+            destination_conn_id=setup["conn"],
+            destination_table=setup["table"],
+            timestamp_column="ts",
+            selfheal_conn_id=setup["conn"],
+            table_prefix=setup["prefix"],
+        )
+        def catch_up(interval: Interval) -> Iterator[dict[str, Any]]:
+            calls["n"] += 1
+            yield from rows_of(interval)
+
+        catch_up()
+
+    breaker.force_open()
+    run = airflow_db.run_dag(dag, logical_date=T0 + 5 * HOUR)
+    ti = run.get_task_instance("catch_up")
+    assert ti is not None and ti.state == "skipped"
+    assert calls["n"] == 0, "an open breaker keeps catch-up away from the dependency"
+    assert CheckpointHook(setup["conn"], table_prefix=setup["prefix"]).entries("guarded") == []
+
+    breaker.reset()
+    run = airflow_db.run_dag(dag, logical_date=T0 + 5 * HOUR)
+    assert run.state == "success"
+    assert len(CheckpointHook(setup["conn"], table_prefix=setup["prefix"]).entries("guarded", statuses=["done"])) == 4
