@@ -122,6 +122,9 @@ class SelfHealStoreHook(BaseHook):
     def _ensure_schema(self, tables: StateTables) -> None:
         if self.schema is not None and not dialects.supports_schemas(self.dialect):
             raise SelfHealError(f"schema={self.schema!r} is not supported on {self.dialect}; leave it empty")
+        # An unreachable database is not a creation race: let that error out as it is.
+        with self.engine.connect() as probe:
+            probe.exec_driver_sql("SELECT 1")
         # Several workers may start at once: CREATE races surface as errors, after which the
         # tables exist, so retry a few times with jitter before giving up.
         attempts = 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -88,8 +89,8 @@ def bulk_insert(connection: sa.Connection, table: sa.Table, rows: Sequence[Mappi
     """
     if not rows:
         return
-    driver: Any = connection.connection.driver_connection
-    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+    if _copy_capable(connection):
+        driver: Any = connection.connection.driver_connection
         columns = list(rows[0].keys())
         column_list = ", ".join(connection.dialect.identifier_preparer.quote(c) for c in columns)
         target = connection.dialect.identifier_preparer.format_table(table)
@@ -113,6 +114,9 @@ def bulk_upsert(
     """Insert-or-update many rows by ``key_columns``; every other column takes the incoming value."""
     if not rows:
         return
+    if _copy_capable(connection):
+        _staged_upsert(connection, table, rows, key_columns=key_columns)
+        return
     columns = [c for c in rows[0] if c not in key_columns]
 
     def update(new: Any) -> dict[str, Any]:
@@ -121,3 +125,26 @@ def bulk_upsert(
         return {c: new[c] for c in columns}
 
     upsert(connection, table, rows, key_columns=key_columns, update=update)
+
+
+def _copy_capable(connection: sa.Connection) -> bool:
+    return connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg"
+
+
+def _staged_upsert(
+    connection: sa.Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]], *, key_columns: Sequence[str]
+) -> None:
+    """PostgreSQL: COPY into a temporary staging table, then one INSERT ... SELECT ... ON CONFLICT."""
+    columns = list(rows[0].keys())
+    stage_name = f"selfheal_stage_{uuid.uuid4().hex[:12]}"
+    target = connection.dialect.identifier_preparer.format_table(table)
+    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE {stage_name} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DROP")
+    stage = sa.Table(stage_name, sa.MetaData(), *[sa.Column(c, table.c[c].type) for c in columns])
+    bulk_insert(connection, stage, rows)
+    statement = postgresql.insert(table).from_select(columns, sa.select(*[stage.c[c] for c in columns]))
+    updates = {c: statement.excluded[c] for c in columns if c not in key_columns}
+    if updates:
+        connection.execute(statement.on_conflict_do_update(index_elements=list(key_columns), set_=updates))
+    else:
+        connection.execute(statement.on_conflict_do_nothing(index_elements=list(key_columns)))
+    connection.exec_driver_sql(f"DROP TABLE {stage_name}")

@@ -51,7 +51,10 @@ def test_poison_records_go_to_dead_letters_and_the_rest_is_written(database, tab
     assert entry is not None and (entry.status, entry.rows_dead_lettered, entry.version) == ("done", 1, 1)
 
 
-def test_a_batch_the_database_rejects_is_split_until_only_bad_rows_remain(database, table_prefix, dest) -> None:
+@pytest.mark.parametrize("strategy", ["replace_interval", "upsert"])
+def test_a_batch_the_database_rejects_is_split_until_only_bad_rows_remain(
+    database, table_prefix, dest, strategy
+) -> None:
     def produce(interval: Interval) -> list[dict[str, Any]]:
         rows = records_for(interval, 40)
         rows[5]["amount"] = None  # NOT NULL violation, found by the database itself
@@ -64,6 +67,7 @@ def test_a_batch_the_database_rejects_is_split_until_only_bad_rows_remain(databa
         dest_conn_id=database.conn_id,
         table=dest,
         produce=produce,
+        strategy=strategy,
         chunk_size=16,
         max_dead_letter_ratio=0.1,
     )
