@@ -36,6 +36,7 @@ ARG_PIPELINE_FILTER = Arg(("--pipeline",), help="Only this pipeline")
 ARG_PIPELINE = Arg(("pipeline",), help="Pipeline name (as in the checkpoint ledger)")
 ARG_START = Arg(("--start",), help="Window start, ISO 8601; naive means UTC (default: the first ledger interval)")
 ARG_END = Arg(("--end",), help="Window end, ISO 8601; naive means UTC (default: the end of the newest ledger interval)")
+ARG_DAG_ID = Arg(("--dag-id",), help="Compare with this DAG's own timetable (read from Airflow's metadata database)")
 ARG_DLQ_STATUS = Arg(("--status",), help="Only letters with this status", choices=_DLQ_STATUSES)
 ARG_ERROR_CLASS = Arg(("--error-class",), help="Only letters whose error class is exactly this, e.g. ValueError")
 ARG_LIMIT = Arg(
@@ -134,7 +135,10 @@ SELFHEAL_COMMANDS = (
         "gaps",
         "Missing, failed and stale intervals of a pipeline",
         "status_command.gaps",
-        (ARG_PIPELINE, ARG_START, ARG_END),
+        (ARG_PIPELINE, ARG_START, ARG_END, ARG_DAG_ID),
+        description="Without --dag-id: stretches the ledger does not cover, plus failed and stale intervals. "
+        "With --dag-id: every interval the DAG's own timetable expects between its start date (or --start) "
+        "and now (or --end) that is not done.",
     ),
     GroupCommand(name="dlq", help="Inspect dead letters, re-queue, park or discard them", subcommands=DLQ_COMMANDS),
     GroupCommand(name="breaker", help="Inspect, reset or open circuit breakers", subcommands=BREAKER_COMMANDS),

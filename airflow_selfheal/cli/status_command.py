@@ -67,9 +67,44 @@ def status(args: argparse.Namespace) -> None:
     emit(breaker_rows, args.output, empty="No circuit breakers")
 
 
+def _dag_timetable(dag_id: str) -> tuple[Any, dt.datetime | None]:
+    """The timetable and start date of a DAG as the scheduler knows it (its serialized form)."""
+    from airflow.models.serialized_dag import SerializedDagModel
+
+    dag = SerializedDagModel.get_dag(dag_id)
+    if dag is None:
+        raise CliError(f"DAG {dag_id!r} is not known to Airflow (not parsed yet, or misspelt)")
+    return dag.timetable, dag.start_date
+
+
+def _timetable_gaps(store: Any, args: argparse.Namespace) -> None:
+    """Gaps against the DAG's own timetable: every interval it should have processed that is not done."""
+    from airflow_selfheal.operators.catch_up import find_gaps
+
+    timetable, start_date = _dag_timetable(args.dag_id)
+    start = parse_time(args.start, option="--start") if args.start else start_date
+    end = parse_time(args.end, option="--end") if args.end else dt.datetime.now(dt.UTC)
+    if start is None:
+        raise CliError(f"DAG {args.dag_id!r} has no start date: give --start")
+    missed = find_gaps(store.ledger, args.pipeline, timetable, start=start, end=end, anchor=start_date)
+    rows = [
+        {
+            "start": m.run.interval.start,
+            "end": m.run.interval.end,
+            "status": m.status,
+            "logical_date": m.run.logical_date,
+        }
+        for m in missed
+    ]
+    emit(rows, args.output, empty=f"No gaps of DAG {args.dag_id} between {start.isoformat()} and {end.isoformat()}")
+
+
 @command
 def gaps(args: argparse.Namespace) -> None:
     store = open_store(args)
+    if args.dag_id:
+        _timetable_gaps(store, args)
+        return
     store.require_pipeline(args.pipeline)
     entries = store.ledger.entries(args.pipeline)
     start = parse_time(args.start, option="--start") if args.start else None
