@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow_selfheal import metrics
-from airflow_selfheal.engine.engine import IntervalEngine, RunContext
+from airflow_selfheal.engine.engine import IntervalEngine
+from airflow_selfheal.engine.models import RunContext
 from airflow_selfheal.intervals import Interval
 
 log = logging.getLogger(__name__)

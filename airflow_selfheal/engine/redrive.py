@@ -21,7 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from airflow_selfheal import metrics
-from airflow_selfheal.engine.engine import Checksum, IntervalEngine, RunContext
+from airflow_selfheal.engine.engine import IntervalEngine
+from airflow_selfheal.engine.models import Checksum, RunContext
 from airflow_selfheal.engine.sinks import Pending, RowRejected, SinkSpec, SqlSink
 from airflow_selfheal.hooks.dead_letter import DeadLetter
 from airflow_selfheal.intervals import Interval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -11,7 +12,8 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from airflow_selfheal.engine.batch import run_intervals
-from airflow_selfheal.engine.engine import EngineSettings, IntervalEngine, RunContext, Transform
+from airflow_selfheal.engine.engine import IntervalEngine, Transform
+from airflow_selfheal.engine.models import EngineSettings, RunContext
 from airflow_selfheal.engine.sinks import SinkSpec
 from airflow_selfheal.engine.sources import RecordSource
 from airflow_selfheal.exceptions import CircuitOpenError, OrderingGapError, SelfHealError
@@ -169,15 +171,11 @@ class SelfHealIntervalOperator(BaseOperator):
 
     def build_engine(self, context: Any) -> IntervalEngine:
         """The engine for this task (the redrive and catch-up operators build one the same way)."""
-        settings = self.settings
-        if settings.pipeline != self.pipeline:  # pipeline is templated
-            settings = EngineSettings(**{**settings.__dict__, "pipeline": self.pipeline})
+        # pipeline and destination_table are templated: the rendered values win.
         return IntervalEngine(
-            settings=settings,
+            settings=dataclasses.replace(self.settings, pipeline=self.pipeline),
             source=self.make_source(context),
-            sink=self.sink_spec
-            if self.sink_spec.table == self.destination_table
-            else SinkSpec(**{**self.sink_spec.__dict__, "table": self.destination_table}),
+            sink=dataclasses.replace(self.sink_spec, table=self.destination_table),
             destination_conn_id=self.destination_conn_id,
             transform=self.transform,
             selfheal_conn_id=self.selfheal_conn_id,

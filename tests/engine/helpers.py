@@ -9,7 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from airflow_selfheal.engine.engine import EngineSettings, IntervalEngine
+from airflow_selfheal.engine.engine import IntervalEngine
+from airflow_selfheal.engine.models import EngineSettings
 from airflow_selfheal.engine.sinks import SinkSpec
 from airflow_selfheal.engine.sources import CallableSource, sql_engine
 from airflow_selfheal.healing.retry import RetrySettings

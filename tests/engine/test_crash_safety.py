@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from airflow_selfheal.engine.engine import RunContext
+from airflow_selfheal.engine.models import RunContext
 from airflow_selfheal.hooks.checkpoint import CheckpointHook
 from airflow_selfheal.intervals import Interval
 from tests.conftest import database_for
@@ -55,8 +55,10 @@ def _crashing_run(step: str, **engine_args: Any) -> None:
 
         @sa.event.listens_for(engine.ledger.engine, "before_cursor_execute")
         def _before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-            if statement.lstrip().upper().startswith("UPDATE") and f"{prefix}intervals" in statement and (
-                "done" in str(parameters)
+            if (
+                statement.lstrip().upper().startswith("UPDATE")
+                and f"{prefix}intervals" in statement
+                and ("done" in str(parameters))
             ):
                 _die()
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from airflow_selfheal.engine.engine import RunContext
+from airflow_selfheal.engine.models import RunContext
 from airflow_selfheal.engine.redrive import Redriver, RedriveSettings
 from airflow_selfheal.hooks.checkpoint import CheckpointHook
 from airflow_selfheal.hooks.dead_letter import DeadLetterHook

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from airflow_selfheal.engine.engine import EngineSettings, IntervalEngine, RunContext
+from airflow_selfheal.engine.engine import IntervalEngine
+from airflow_selfheal.engine.models import EngineSettings, RunContext
 from airflow_selfheal.engine.sinks import SinkSpec
 from airflow_selfheal.engine.sources import CallableSource, sql_engine
 from airflow_selfheal.hooks.checkpoint import CheckpointHook
