@@ -87,6 +87,7 @@ class IntervalEngine:
         self.dead_letters = DeadLetterHook(selfheal_conn_id, table_prefix=table_prefix, schema=schema)
         self.events = HealEventHook(selfheal_conn_id, table_prefix=table_prefix, schema=schema)
         self.sink = SqlSink(sink, classify_transient=self.classifier.is_transient)
+        self._open_letters_checked: tuple[float, bool] | None = None
 
     # -- engines --------------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class IntervalEngine:
         metrics.incr("rows_written", attempt.written, tags=tags)
         metrics.incr("dead_letters", len(attempt.dead), tags=tags)
         if attempt.dead:
+            self._open_letters_checked = (time.monotonic(), True)  # a later interval may resolve them
             self._event("dead_lettered", interval, ctx, {"count": len(attempt.dead), "version": summary.version})
         log.info("selfheal summary: %s", summary.line())
         return summary
@@ -177,8 +179,8 @@ class IntervalEngine:
     def _attempt(self, claim: IntervalClaim, interval: Interval, ctx: RunContext, summary: RunSummary) -> _Attempt:
         """One transaction on the destination: everything of the interval, or nothing."""
         attempt = _Attempt()
-        track_resolutions = self.dead_letters.count(pipeline=self.settings.pipeline, statuses=[PENDING, REDRIVING]) > 0
-        previous = self.ledger.get(self.settings.pipeline, interval)
+        track_resolutions = self._has_open_letters()
+        previous = self.ledger.get(self.settings.pipeline, interval) if self.settings.keep_versions else None
         with self.destination_engine.begin() as conn:
             store_conn = conn if self.same_database else None
             if self.settings.keep_versions and previous is not None and previous.version > 0:
@@ -205,6 +207,14 @@ class IntervalEngine:
             with self.ledger.engine.begin() as store:
                 summary.version = self._record(claim, attempt, ctx, store)
         return attempt
+
+    def _has_open_letters(self) -> bool:
+        """Whether any letter could be resolved by this run (asked at most once a minute per engine)."""
+        now = time.monotonic()
+        if self._open_letters_checked is None or now - self._open_letters_checked[0] > 60:
+            count = self.dead_letters.count(pipeline=self.settings.pipeline, statuses=[PENDING, REDRIVING])
+            self._open_letters_checked = (now, count > 0)
+        return self._open_letters_checked[1]
 
     def _record(self, claim: IntervalClaim, attempt: _Attempt, ctx: RunContext, conn: sa.Connection) -> int:
         self.dead_letters.add(attempt.dead, connection=conn)

@@ -8,8 +8,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from airflow_selfheal.engine.sinks import canonical_row
-
 REASONS = ("scheduled", "retry", "backfill", "catch-up", "redrive", "manual", "lookback", "rollback")
 
 
@@ -93,14 +91,21 @@ class RunContext:
 
 
 class Checksum:
-    """Order-independent content checksum: the sum of per-row SHA-256 prefixes modulo 2**128."""
+    """
+    Order-independent content checksum of an interval's rows.
+
+    ``checksum = (count, sum(blake2b_128(repr(sorted(row.items())))) mod 2**128)``, written as
+    ``<count hex>-<sum hex>``. A sum does not depend on row order, and it extends: adding rows to an
+    interval (a redrive) adds their digests.
+    """
 
     def __init__(self) -> None:
         self.total = 0
         self.count = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
-        self.total = (self.total + int(hashlib.sha256(canonical_row(row).encode()).hexdigest()[:32], 16)) % 2**128
+        digest = hashlib.blake2b(repr(sorted(row.items())).encode(), digest_size=16).digest()
+        self.total = (self.total + int.from_bytes(digest)) % 2**128
         self.count += 1
 
     def hexdigest(self) -> str:

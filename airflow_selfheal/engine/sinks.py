@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,6 @@ import sqlalchemy as sa
 from airflow_selfheal.intervals import Interval
 from airflow_selfheal.store import dialects
 from airflow_selfheal.store.identifiers import validate_dotted_table, validate_identifier
-from airflow_selfheal.store.payload import to_jsonable
 
 WRITE_STRATEGIES = ("replace_interval", "upsert")
 
@@ -79,6 +77,18 @@ class SqlSink:
         self.spec = spec
         self.is_transient = classify_transient
         self._table: sa.Table | None = None
+        self._known_column_sets: set[frozenset[str]] = set()
+        self._naive_columns: frozenset[str] | None = None
+
+    def _naive_datetime_columns(self, table: sa.Table) -> frozenset[str]:
+        """Columns whose aware datetimes must be stored as naive UTC."""
+        if self._naive_columns is None:
+            self._naive_columns = frozenset(
+                c.name
+                for c in table.columns
+                if isinstance(c.type, sa.DateTime) and not getattr(c.type, "timezone", False)
+            )
+        return self._naive_columns
 
     def table(self, conn: sa.Connection) -> sa.Table:
         """The destination table, reflected once."""
@@ -129,9 +139,12 @@ class SqlSink:
             row = dict(zip(fields, record, strict=True))
         else:
             raise RowRejected(f"a record must be a dict or a tuple, got {type(record).__name__}")
-        unknown = set(row) - set(table.c.keys())
-        if unknown:
-            raise RowRejected(f"columns {sorted(unknown)} do not exist in {self.spec.table}")
+        names = frozenset(row)
+        if names not in self._known_column_sets:  # checked once per shape of record, not per row
+            unknown = names - set(table.c.keys())
+            if unknown:
+                raise RowRejected(f"columns {sorted(unknown)} do not exist in {self.spec.table}")
+            self._known_column_sets.add(names)
         if self.spec.interval_column:
             row[self.spec.interval_column] = interval.start
         if self.spec.timestamp_column:
@@ -149,7 +162,9 @@ class SqlSink:
         missing_keys = [k for k in self.spec.key_columns if row.get(k) is None]
         if missing_keys:
             raise RowRejected(f"key columns {missing_keys} are missing")
-        return {name: db_value(table.c[name], value) for name, value in row.items()}
+        for name in self._naive_datetime_columns(table) & names:
+            row[name] = db_value(table.c[name], row[name])
+        return row
 
     def write(
         self, conn: sa.Connection, batch: Sequence[Pending]
@@ -227,7 +242,3 @@ def _within(stamp: Any, interval: Interval) -> bool:
     aware = stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
     return interval.start <= aware < interval.end
 
-
-def canonical_row(row: Mapping[str, Any]) -> str:
-    """A row as canonical JSON, the unit of the content checksum."""
-    return json.dumps(to_jsonable(dict(row)), sort_keys=True, separators=(",", ":"))
