@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import datetime as dt
 import io
+import logging
 import os
 import pstats
 import sys
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from airflow_selfheal.engine.sources import CallableSource, SqlSource
     from airflow_selfheal.intervals import Interval
     from airflow_selfheal.store import dialects
+
+    logging.getLogger("airflow_selfheal").setLevel(logging.WARNING)  # one summary line per interval is noise here
 
     suffix = uuid.uuid4().hex[:8]
     engine = pg_engine()
