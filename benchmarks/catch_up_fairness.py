@@ -10,8 +10,10 @@ A real-time run is triggered every ``--every`` seconds, ``--samples`` times, in 
    (pool of 1 slot);
 3. backfill catch-up: ``POST /api/v2/backfills`` of ``--backfill-intervals`` runs with
    ``max_active_runs=4`` (pool resized to ``--backfill-pool-slots``); cancelled once the samples are in;
-4. control (skip with ``--no-control``): the same backfill without the pool and at the real-time task's
-   priority, to show what the pool and the priority weight buy.
+4. control, short tasks: the same backfill in ``default_pool`` at the real-time task's priority;
+5. control, long tasks: ``parallelism`` batched catch-up tasks (one per pipeline, ``--long-intervals``
+   each) in ``default_pool`` at the real-time task's priority: what the pool protects against.
+   ``--no-control`` skips 4 and 5.
 
 A run's start delay is its task instance's ``start_date`` minus the run's ``queued_at`` (REST).
 Every destination must hold exactly the source rows of the intervals that ran (else exit 1).
@@ -51,13 +53,16 @@ from benchmarks.common import (
 from tests.airflow_harness import AirflowServer, AirflowServerError
 
 POOL = "selfheal_catchup"
-PHASES = 4  # baseline, batched, backfill, control: each takes its own real-time hours
+EXECUTOR_SLOTS = 4  # [core] parallelism of the harness's stack (tests/airflow_harness.py)
+PHASES = 5  # baseline, batched, backfill and two controls: each takes its own real-time hours
 
 
 @dataclass
 class Setup:
     catch_up_intervals: int
     backfill_intervals: int
+    long_intervals: int
+    long_tasks: int
     rows: int
     samples: int
     every: float
@@ -187,6 +192,62 @@ def phase_backfill(server: AirflowServer, setup: Setup, role: str, first_k: int)
     return {"samples": samples, "during": len(samples) if busy else 0, "done_hours": hours, "busy": busy}
 
 
+def phase_long_tasks(server: AirflowServer, setup: Setup, first_k: int) -> dict[str, Any]:
+    """As many long catch-up tasks as the executor has slots, outside the pool; sample real-time runs meanwhile."""
+    runs = {}
+    for i in range(setup.long_tasks):
+        dag_id = setup.dag(f"long{i}")
+        runs[dag_id] = server.trigger(dag_id, logical_date=setup.window(setup.long_intervals)[1])
+    for dag_id, run_id in runs.items():
+        wait_for_state(server, dag_id, run_id, {"running", "success", "failed"}, timeout=120)
+    say(f"  {setup.long_tasks} catch-up tasks running ({setup.long_intervals} intervals each); sampling real-time runs")
+    samples = sample_realtime(server, setup, first_k=first_k)
+    spans = []
+    for dag_id, run_id in runs.items():
+        if server.wait_for_run(dag_id, run_id, timeout=900) != "success":
+            raise CorrectnessError(
+                f"{dag_id} catch-up ended failed:\n{server.task_log(dag_id, run_id, 'load')[-4000:]}"
+            )
+        ti = task_instance(server, dag_id, run_id)
+        spans.append((ti["start_date"], ti["end_date"]))
+    # The stretch while all of them ran (REST timestamps share one format, so they sort as text).
+    start, end = max(s for s, _e in spans), min(e for _s, e in spans)
+    return {"samples": samples, "during": during(samples, start, end)}
+
+
+def build_dags(setup: Setup) -> dict[str, str]:
+    """One DAG file per role: the catch-ups in the pool at priority 1, the controls and real-time outside it."""
+    catch_up_pool = {"pool": POOL, "priority_weight": 1}
+    batched = {"catch_up": True, "catch_up_budget": dt.timedelta(hours=1)}
+    last_backfill = setup.window(setup.backfill_intervals - 1)[1]
+    roles: dict[str, tuple[dt.datetime, dict[str, Any]]] = {
+        "catchup": (
+            setup.window(setup.catch_up_intervals)[1],
+            {**catch_up_pool, **batched, "catch_up_max_intervals": setup.catch_up_intervals},
+        ),
+        "backfill": (last_backfill, catch_up_pool),
+        "control": (last_backfill, {"priority_weight": 10}),
+        "realtime": (setup.window(setup.hours())[1], {"priority_weight": 10}),
+    }
+    for i in range(setup.long_tasks):
+        roles[f"long{i}"] = (
+            setup.window(setup.long_intervals)[1],
+            {**batched, "priority_weight": 10, "catch_up_max_intervals": setup.long_intervals},
+        )
+    return {
+        f"{setup.dag(role)}.py": dag_file(
+            dag_id=setup.dag(role),
+            source=setup.source,
+            destination=setup.dests[role],
+            start=setup.t0,
+            end=end,
+            max_active_runs=4 if role in ("backfill", "control") else 16,
+            task_kwargs={**kwargs, "table_prefix": setup.prefix, "pipeline": role},
+        )
+        for role, (end, kwargs) in roles.items()
+    }
+
+
 def summarize(label: str, samples: list[dict[str, Any]], baseline: list[dict[str, Any]] | None = None) -> str:
     delays = [s["delay"] for s in samples]
     line = f"{label:<38}: {describe(delays)}"
@@ -200,110 +261,124 @@ def summarize(label: str, samples: list[dict[str, Any]], baseline: list[dict[str
     )
 
 
+def check_all(engine: Any, setup: Setup, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every destination against the source rows of the intervals its runs processed."""
+    hours: dict[str, list[int]] = {
+        "catchup": list(range(setup.catch_up_intervals)),
+        "backfill": results["backfill"]["done_hours"],
+        "control": results.get("control", {}).get("done_hours", []),
+        "realtime": [setup.realtime_hour(k) for k in range(len(results) * setup.samples)],
+    }
+    for i in range(setup.long_tasks):
+        hours[f"long{i}"] = list(range(setup.long_intervals)) if "long" in results else []
+    return [
+        problem
+        for role, done in hours.items()
+        for problem in check_destination(engine, setup.dests[role], setup.source, [setup.window(h) for h in done])
+    ]
+
+
+def report(setup: Setup, results: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    baseline = results["baseline"]["samples"]
+    labels = {
+        "batched": f"batched catch-up, {setup.catch_up_intervals} intervals",
+        "backfill": f"backfill catch-up, {setup.backfill_intervals} runs",
+        "control": "control: backfill, no pool, same prio",
+        "long": f"control: {setup.long_tasks} long tasks, no pool",
+    }
+    lines = [
+        "",
+        f"== real-time start delay (task start - run queued_at), {setup.samples} runs every {setup.every:.0f} s ==",
+        summarize("baseline (no catch-up)", baseline),
+    ]
+    for phase, label in labels.items():
+        if phase not in results:
+            continue
+        result = results[phase]
+        lines.append(summarize(label, result["samples"], baseline))
+        if "busy" in result:
+            lines.append(f"{'':<40}{result['busy']} backfill runs still queued or running after the last sample")
+        else:
+            lines.append(f"{'':<40}{result['during']}/{setup.samples} runs were queued while the catch-up ran")
+    under_catch_up = results["batched"]["samples"] + results["backfill"]["samples"]
+    worst = max(s["delay"] for s in under_catch_up)
+    base_worst = max(s["delay"] for s in baseline)
+    lines += [
+        f"bound supported: with catch-up in pool {POOL} at priority_weight 1, all {len(under_catch_up)} real-time"
+        f" runs started within {math.ceil(worst)} s of being queued (baseline worst {base_worst:.1f} s; catch-up"
+        f" added at most {max(0.0, worst - base_worst):.1f} s to the worst case)",
+        "destinations: " + ("; ".join(problems) if problems else "exact (every interval that ran, exactly once)"),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def measure(server: AirflowServer, setup: Setup, controls: bool) -> dict[str, dict[str, Any]]:
+    """The phases in order; each one's real-time runs use their own source hours."""
+    results: dict[str, dict[str, Any]] = {}
+    server.api("POST", "/pools", json={"name": POOL, "slots": 1, "description": "airflow-selfheal catch-up"})
+    say(f"phase 1, baseline: {setup.samples} real-time runs every {setup.every:.0f} s, nothing else running")
+    results["baseline"] = {"samples": sample_realtime(server, setup, first_k=0)}
+    say(f"phase 2, batched catch-up of {setup.catch_up_intervals} intervals in pool {POOL} (1 slot)")
+    results["batched"] = phase_batched(server, setup)
+    say(f"phase 3, backfill catch-up ({setup.backfill_intervals} runs, pool {setup.backfill_pool_slots} slots)")
+    server.api(
+        "PATCH",
+        f"/pools/{POOL}",
+        json={"pool": POOL, "slots": setup.backfill_pool_slots, "include_deferred": False},
+        params={"update_mask": "slots"},
+    )
+    results["backfill"] = phase_backfill(server, setup, "backfill", first_k=2 * setup.samples)
+    if controls:
+        say("phase 4, control: the same backfill in the default pool at the real-time task's priority")
+        results["control"] = phase_backfill(server, setup, "control", first_k=3 * setup.samples)
+        say(f"phase 5, control: {setup.long_tasks} batched catch-up tasks in the default pool, real-time priority")
+        results["long"] = phase_long_tasks(server, setup, first_k=4 * setup.samples)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--catch-up-intervals", type=int, default=900, help="hours the batched catch-up fills (default 900)"
-    )
-    parser.add_argument("--backfill-intervals", type=int, default=200, help="runs the backfill creates (default 200)")
+    parser.add_argument("--catch-up-intervals", type=int, default=900, help="hours the batched catch-up fills")
+    parser.add_argument("--backfill-intervals", type=int, default=200, help="runs the backfill creates")
+    parser.add_argument("--long-intervals", type=int, default=500, help="hours each long control task fills")
     parser.add_argument("--rows", type=int, default=1000, help="rows per interval (default 1000)")
     parser.add_argument("--samples", type=int, default=6, help="real-time runs per phase (default 6)")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between real-time runs (default 10)")
-    parser.add_argument("--no-control", action="store_true", help="skip phase 4 (backfill without the pool)")
+    parser.add_argument("--no-control", action="store_true", help="skip phases 4 and 5 (the controls)")
     parser.add_argument("--backfill-pool-slots", type=int, default=3, help="catch-up pool slots during the backfill")
     args = parser.parse_args(argv)
 
     suffix = uuid.uuid4().hex[:8]
+    now = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
     setup = Setup(
         catch_up_intervals=args.catch_up_intervals,
         backfill_intervals=args.backfill_intervals,
+        long_intervals=args.long_intervals,
+        long_tasks=0 if args.no_control else int(EXECUTOR_SLOTS),
         rows=args.rows,
         samples=args.samples,
         every=args.every,
         backfill_pool_slots=args.backfill_pool_slots,
-        t0=dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0) - (args.catch_up_intervals + 100) * HOUR,
+        t0=now - (args.catch_up_intervals + 100) * HOUR,
         suffix=suffix,
     )
-    if setup.backfill_intervals > setup.catch_up_intervals:
-        parser.error("--backfill-intervals must not exceed --catch-up-intervals (they share the source hours)")
+    if max(setup.backfill_intervals, setup.long_intervals) > setup.catch_up_intervals:
+        parser.error("--backfill-intervals and --long-intervals must not exceed --catch-up-intervals (shared hours)")
     engine = pg_engine()
     scratch = Scratch(engine)
     setup.source = scratch.table(f"fair_src_{suffix}")
-    setup.dests = {
-        role: scratch.table(f"fair_{role}_{suffix}") for role in ("catchup", "backfill", "control", "realtime")
-    }
+    roles = ["catchup", "backfill", "control", "realtime", *(f"long{i}" for i in range(setup.long_tasks))]
+    setup.dests = {role: scratch.table(f"fair_{role}_{suffix}") for role in roles}
     setup.prefix = scratch.prefix(f"fair{suffix}_")
-    catch_up_pool = {"pool": POOL, "priority_weight": 1}
-    roles: dict[str, tuple[dt.datetime, dict[str, Any]]] = {
-        "catchup": (
-            setup.window(setup.catch_up_intervals)[1],
-            {
-                **catch_up_pool,
-                "catch_up": True,
-                "catch_up_max_intervals": setup.catch_up_intervals,
-                "catch_up_budget": dt.timedelta(hours=1),
-            },
-        ),
-        "backfill": (setup.window(setup.backfill_intervals - 1)[1], catch_up_pool),
-        "control": (setup.window(setup.backfill_intervals - 1)[1], {"priority_weight": 10}),
-        "realtime": (setup.window(setup.hours())[1], {"priority_weight": 10}),
-    }
-    dags = {
-        f"{setup.dag(role)}.py": dag_file(
-            dag_id=setup.dag(role),
-            source=setup.source,
-            destination=setup.dests[role],
-            start=setup.t0,
-            end=end,
-            max_active_runs=4 if role in ("backfill", "control") else 16,
-            task_kwargs={**kwargs, "table_prefix": setup.prefix, "pipeline": role},
-        )
-        for role, (end, kwargs) in roles.items()
-    }
     try:
         say(f"source: {setup.hours()} hours x {setup.rows} rows")
         create_source(engine, setup.source, setup.t0, setup.hours(), setup.rows)
         for name in setup.dests.values():
             create_destination(engine, name)
         with running_airflow() as server:
-            write_dags(server, dags)
-            server.api("POST", "/pools", json={"name": POOL, "slots": 1, "description": "airflow-selfheal catch-up"})
-            say(f"phase 1, baseline: {setup.samples} real-time runs every {setup.every:.0f} s, nothing else running")
-            baseline = sample_realtime(server, setup, first_k=0)
-            say(f"phase 2, batched catch-up of {setup.catch_up_intervals} intervals in pool {POOL} (1 slot)")
-            batched = phase_batched(server, setup)
-            say(f"phase 3, backfill catch-up ({setup.backfill_intervals} runs, pool {setup.backfill_pool_slots} slots)")
-            server.api(
-                "PATCH",
-                f"/pools/{POOL}",
-                json={"pool": POOL, "slots": setup.backfill_pool_slots, "include_deferred": False},
-                params={"update_mask": "slots"},
-            )
-            backfill = phase_backfill(server, setup, "backfill", first_k=2 * setup.samples)
-            control = None
-            if not args.no_control:
-                say("phase 4, control: the same backfill in the default pool at the real-time task's priority")
-                control = phase_backfill(server, setup, "control", first_k=3 * setup.samples)
-        problems = [
-            *check_destination(
-                engine, setup.dests["catchup"], setup.source, [setup.window(h) for h in range(setup.catch_up_intervals)]
-            ),
-            *check_destination(
-                engine, setup.dests["backfill"], setup.source, [setup.window(h) for h in backfill["done_hours"]]
-            ),
-            *check_destination(
-                engine,
-                setup.dests["control"],
-                setup.source,
-                [setup.window(h) for h in (control or {}).get("done_hours", [])],
-            ),
-            *check_destination(
-                engine,
-                setup.dests["realtime"],
-                setup.source,
-                [setup.window(setup.realtime_hour(k)) for k in range((3 if control is None else 4) * setup.samples)],
-            ),
-        ]
+            write_dags(server, build_dags(setup))
+            results = measure(server, setup, controls=not args.no_control)
+        problems = check_all(engine, setup, results)
     except CorrectnessError as error:
         print(f"CORRECTNESS FAILURE: {error}", file=sys.stderr)
         return 1
@@ -314,31 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch.drop()
         engine.dispose()
         say("benchmark tables and state tables dropped")
-
-    under_catch_up = batched["samples"] + backfill["samples"]
-    worst = max(s["delay"] for s in under_catch_up)
-    base_worst = max(s["delay"] for s in baseline)
-    lines = [
-        "",
-        f"== real-time start delay (task start - run queued_at), {setup.samples} runs every {setup.every:.0f} s ==",
-        summarize("baseline (no catch-up)", baseline),
-        summarize(f"batched catch-up, {setup.catch_up_intervals} intervals", batched["samples"], baseline),
-        f"{'':<40}{batched['during']}/{setup.samples} runs were queued while the catch-up task ran",
-        summarize(f"backfill catch-up, {setup.backfill_intervals} runs", backfill["samples"], baseline),
-        f"{'':<40}{backfill['busy']} backfill runs still queued or running after the last sample",
-    ]
-    if control is not None:
-        lines += [
-            summarize("control: backfill, no pool, same prio", control["samples"], baseline),
-            f"{'':<40}{control['busy']} backfill runs still queued or running after the last sample",
-        ]
-    lines += [
-        f"bound supported: with catch-up in pool {POOL} at priority_weight 1, all {len(under_catch_up)} real-time"
-        f" runs started within {math.ceil(worst)} s of being queued (baseline worst {base_worst:.1f} s; catch-up"
-        f" added at most {max(0.0, worst - base_worst):.1f} s to the worst case)",
-        "destinations: " + ("; ".join(problems) if problems else "exact (every interval that ran, exactly once)"),
-    ]
-    print("\n".join(lines), flush=True)
+    report(setup, results, problems)
     return 1 if problems else 0
 
 
