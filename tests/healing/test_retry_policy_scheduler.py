@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from airflow_selfheal.engine.sources import sql_engine
 from tests.airflow_harness import AirflowServer
 
 DAG_ID = "selfheal_retry_policy_real"
@@ -49,14 +50,34 @@ DAG_SOURCE = textwrap.dedent(
             pipeline="broken",
         )
 
+        # A transform with a bug fails every record: the ceiling stops the interval, no retry burned.
+        @task.selfheal(
+            retries=3,
+            retry_delay=dt.timedelta(seconds=1),
+            destination_conn_id="selfheal_test_postgres",
+            destination_table="retrypolicy_orders",
+            interval_column="interval_start",
+            selfheal_conn_id="selfheal_test_postgres",
+            table_prefix="retrypolicy_",
+            pipeline="buggy_transform",
+            transform=lambda record: record["amount"] / record["quantity"],
+        )
+        def buggy_transform(interval):
+            return [{"amount": 10, "quantity": 0} for _ in range(20)]
+
         permanent_bug()
         transient_blip()
+        buggy_transform()
     """
 ).replace("DAG_ID", DAG_ID)
 
 
 @pytest.mark.airflow_server
 def test_permanent_errors_burn_no_retries_and_transient_ones_are_retried(airflow_server: AirflowServer) -> None:
+    with sql_engine("selfheal_test_postgres").begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE IF NOT EXISTS retrypolicy_orders (interval_start timestamp, amount float, quantity int)"
+        )
     airflow_server.write_dag(f"{DAG_ID}.py", DAG_SOURCE)
     run_id = airflow_server.trigger(DAG_ID, logical_date="2026-01-01T01:00:00+00:00")
     airflow_server.wait_for_run(DAG_ID, run_id, timeout=180)
@@ -64,5 +85,11 @@ def test_permanent_errors_burn_no_retries_and_transient_ones_are_retried(airflow
     assert tis["permanent_bug"] == ("failed", 1), tis
     assert tis["transient_blip"] == ("success", 3), tis
     assert tis["broken_query"] == ("failed", 1), tis
+    assert tis["buggy_transform"] == ("failed", 1), tis
+    assert "a bug is likely" in airflow_server.task_log(DAG_ID, run_id, "buggy_transform")
+    with sql_engine("selfheal_test_postgres").connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM retrypolicy_orders").scalar() == 0, "nothing committed"
     log = airflow_server.task_log(DAG_ID, run_id, "broken_query")
     assert "not retried" in log
+    with sql_engine("selfheal_test_postgres").begin() as conn:
+        conn.exec_driver_sql("DROP TABLE retrypolicy_orders")
