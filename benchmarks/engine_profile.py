@@ -16,12 +16,14 @@ Run from the repository root: ``.venv/bin/python -m benchmarks.engine_profile``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import datetime as dt
 import io
 import logging
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -42,7 +44,10 @@ from benchmarks.common import (
 )
 
 # Airflow resolves connections from the environment; keep its home out of the user's ~/airflow.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="selfheal-bench-home-"))
+if "AIRFLOW_HOME" not in os.environ:
+    _home = tempfile.mkdtemp(prefix="selfheal-bench-home-")
+    os.environ["AIRFLOW_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, ignore_errors=True)
 os.environ[f"AIRFLOW_CONN_{BENCH_CONN_ID.upper()}"] = POSTGRES_URL
 
 
