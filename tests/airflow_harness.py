@@ -45,7 +45,6 @@ API_CONN_ID = "selfheal_test_airflow_api"
 ADMIN_USER = "admin"
 PROCESSES = ("api-server", "scheduler", "dag-processor", "triggerer")
 TERMINAL_RUN_STATES = frozenset({"success", "failed"})
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def _tail(path: Path, lines: int = 60) -> str:
