@@ -20,7 +20,7 @@ class RowRejected(Exception):
     """A single row the sink cannot take (unknown column, outside the interval, refused by the database)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A row to write and the source record it came from (what a dead letter stores)."""
 
@@ -77,7 +77,8 @@ class SqlSink:
         self.spec = spec
         self.is_transient = classify_transient
         self._table: sa.Table | None = None
-        self._known_column_sets: set[frozenset[str]] = set()
+        # Per record shape (its column names in order): the naive-datetime columns among them.
+        self._shapes: dict[tuple[str, ...], list[str]] = {}
         self._naive_columns: frozenset[str] | None = None
 
     def _naive_datetime_columns(self, table: sa.Table) -> frozenset[str]:
@@ -139,12 +140,13 @@ class SqlSink:
             row = dict(zip(fields, record, strict=True))
         else:
             raise RowRejected(f"a record must be a dict or a tuple, got {type(record).__name__}")
-        names = frozenset(row)
-        if names not in self._known_column_sets:  # checked once per shape of record, not per row
-            unknown = names - set(table.c.keys())
+        shape = tuple(row)
+        naive_columns = self._shapes.get(shape)
+        if naive_columns is None:  # checked once per shape of record, not per row
+            unknown = set(shape) - set(table.c.keys())
             if unknown:
                 raise RowRejected(f"columns {sorted(unknown)} do not exist in {self.spec.table}")
-            self._known_column_sets.add(names)
+            naive_columns = self._shapes[shape] = [n for n in shape if n in self._naive_datetime_columns(table)]
         if self.spec.interval_column:
             row[self.spec.interval_column] = interval.start
         if self.spec.timestamp_column:
@@ -162,8 +164,10 @@ class SqlSink:
         missing_keys = [k for k in self.spec.key_columns if row.get(k) is None]
         if missing_keys:
             raise RowRejected(f"key columns {missing_keys} are missing")
-        for name in self._naive_datetime_columns(table) & names:
-            row[name] = db_value(table.c[name], row[name])
+        for name in naive_columns:
+            value = row[name]
+            if isinstance(value, dt.datetime) and value.tzinfo is not None:
+                row[name] = value.astimezone(dt.UTC).replace(tzinfo=None)
         return row
 
     def write(
@@ -182,7 +186,7 @@ class SqlSink:
         # Rows with different column sets cannot share one multi-row statement.
         groups: dict[tuple[str, ...], list[Pending]] = {}
         for pending in batch:
-            groups.setdefault(tuple(sorted(pending.row)), []).append(pending)
+            groups.setdefault(tuple(pending.row), []).append(pending)
         written: list[Pending] = []
         rejected: list[tuple[Pending, Exception]] = []
         for group in groups.values():
@@ -241,4 +245,3 @@ def _within(stamp: Any, interval: Interval) -> bool:
         return False
     aware = stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
     return interval.start <= aware < interval.end
-

@@ -67,8 +67,9 @@ class SqlSource:
             result = conn.execution_options(stream_results=True, max_row_buffer=chunk_size).execute(
                 sa.text(self.render_sql(interval)), params
             )
-            for partition in result.mappings().partitions(chunk_size):
-                yield [dict(row) for row in partition]
+            keys = list(result.keys())
+            for partition in result.partitions(chunk_size):
+                yield [dict(zip(keys, row, strict=True)) for row in partition]
 
 
 def bind_bounds(engine: sa.Engine, interval: Interval) -> dict[str, Any]:
