@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
@@ -91,23 +92,21 @@ class IntervalEngine:
 
     # -- engines --------------------------------------------------------------------------------
 
-    @property
+    @cached_property
+    def destination_engine(self) -> sa.Engine:
+        """The destination's engine; the state store's own when both are one database (one pool, one transaction)."""
+        if self.destination_conn_id == self.ledger.selfheal_conn_id:
+            return self.ledger.engine
+        engine = sql_engine(self.destination_conn_id)
+        if str(engine.url) == str(self.ledger.engine.url):
+            engine.dispose()
+            return self.ledger.engine
+        return tune_engine(engine)
+
+    @cached_property
     def same_database(self) -> bool:
         """Destination and state store share a database: data, version and checkpoint commit together."""
-        return str(self.destination_engine.url) == str(self.ledger.engine.url)
-
-    @property
-    def destination_engine(self) -> sa.Engine:
-        engine = getattr(self, "_destination_engine", None)
-        if engine is None:
-            if self.destination_conn_id == self.ledger.selfheal_conn_id:
-                engine = self.ledger.engine
-            else:
-                engine = tune_engine(sql_engine(self.destination_conn_id))
-                if str(engine.url) == str(self.ledger.engine.url):
-                    engine = self.ledger.engine  # one pool, one transaction
-            self._destination_engine = engine
-        return engine
+        return self.destination_engine is self.ledger.engine
 
     # -- the path of one interval ---------------------------------------------------------------
 

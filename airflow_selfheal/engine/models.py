@@ -103,6 +103,15 @@ class Checksum:
         self.total = 0
         self.count = 0
 
+    @classmethod
+    def resume(cls, hexdigest: str | None) -> Checksum:
+        """A checksum that continues from a stored ``hexdigest`` (empty when there is none)."""
+        checksum = cls()
+        if hexdigest and "-" in hexdigest:
+            count, total = hexdigest.split("-", 1)
+            checksum.count, checksum.total = int(count, 16), int(total, 16)
+        return checksum
+
     def add(self, row: Mapping[str, Any]) -> None:
         digest = hashlib.blake2b(repr(sorted(row.items())).encode(), digest_size=16).digest()
         self.total = (self.total + int.from_bytes(digest)) % 2**128

@@ -267,10 +267,7 @@ class Redriver:
 
 def _extend_checksum(previous: str | None, rows: Sequence[dict[str, Any]]) -> str:
     """The interval's checksum with ``rows`` added (the checksum is a sum, so it extends)."""
-    checksum = Checksum()
-    if previous and "-" in previous:
-        count, total = previous.split("-", 1)
-        checksum.count, checksum.total = int(count, 16), int(total, 16)
+    checksum = Checksum.resume(previous)
     for row in rows:
         checksum.add(row)
     return checksum.hexdigest()
