@@ -162,10 +162,13 @@ def naive(moment: dt.datetime) -> str:
 
 _DAG_TEMPLATE = '''
 """Written by benchmarks/; deleted with the stack."""
+import cProfile
 import datetime
 
 from airflow.sdk import DAG
 from airflow_selfheal.operators.interval_transfer import SqlIntervalTransferOperator
+
+PROFILE_TO = {profile_to!r}  # a path: cProfile execute and write the stats there (benchmark --cprofile)
 
 
 def _status_kb(field):
@@ -186,7 +189,12 @@ class MeasuredTransfer(SqlIntervalTransferOperator):
         except OSError:
             pass
         start_kb = _status_kb("VmRSS")
-        result = super().execute(context)
+        if PROFILE_TO:
+            profiler = cProfile.Profile()
+            result = profiler.runcall(super().execute, context)
+            profiler.dump_stats(PROFILE_TO)
+        else:
+            result = super().execute(context)
         result["rss_start_kb"] = start_kb
         result["peak_rss_kb"] = _status_kb("VmHWM")
         return result
@@ -221,14 +229,20 @@ def dag_file(
     end: dt.datetime,
     max_active_runs: int = 16,
     task_kwargs: Mapping[str, Any],
+    profile_to: str | None = None,
 ) -> str:
-    """The source of a DAG with one ``MeasuredTransfer`` task; ``task_kwargs`` must have Python reprs."""
+    """
+    The source of a DAG with one ``MeasuredTransfer`` task; ``task_kwargs`` must have Python reprs.
+
+    :param profile_to: run the task's ``execute`` under cProfile and write the stats to this path.
+    """
     extra = "".join(f"        {key}={value!r},\n" for key, value in task_kwargs.items())
     return _DAG_TEMPLATE.format(
         dag_id=dag_id,
         start=start,
         end=end,
         max_active_runs=max_active_runs,
+        profile_to=profile_to,
         conn=BENCH_CONN_ID,
         columns=SOURCE_COLUMNS,
         source=source,

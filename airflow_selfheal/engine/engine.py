@@ -262,8 +262,7 @@ class IntervalEngine:
                     raise  # e.g. a lookup inside the transform timed out: retry the attempt
                 attempt.dead.append(self._failed(record, error, "transform", interval, ctx))
         written, rejected = self.sink.write(conn, pending)
-        for item in written:
-            attempt.checksum.add(item.row)
+        attempt.checksum.add_many(item.row for item in written)
         attempt.written += len(written)
         for item, refusal in rejected:
             attempt.dead.append(self._failed(item.source, refusal, "write", interval, ctx))

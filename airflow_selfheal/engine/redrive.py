@@ -268,6 +268,5 @@ class Redriver:
 def _extend_checksum(previous: str | None, rows: Sequence[dict[str, Any]]) -> str:
     """The interval's checksum with ``rows`` added (the checksum is a sum, so it extends)."""
     checksum = Checksum.resume(previous)
-    for row in rows:
-        checksum.add(row)
+    checksum.add_many(rows)
     return checksum.hexdigest()

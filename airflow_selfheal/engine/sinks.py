@@ -80,6 +80,7 @@ class SqlSink:
         # Per record shape (its column names in order): the naive-datetime columns among them.
         self._shapes: dict[tuple[str, ...], list[str]] = {}
         self._naive_columns: frozenset[str] | None = None
+        self._last_bounds: _Bounds | None = None
 
     def _naive_datetime_columns(self, table: sa.Table) -> frozenset[str]:
         """Columns whose aware datetimes must be stored as naive UTC."""
@@ -131,7 +132,10 @@ class SqlSink:
 
     def to_row(self, record: Any, interval: Interval, table: sa.Table) -> dict[str, Any]:
         """Shape one transformed record as a row of the table, or raise :class:`RowRejected`."""
-        if isinstance(record, Mapping):
+        # Runs once per record of a catch-up: the common cases come first and per-shape work is cached.
+        if type(record) is dict:
+            row = record.copy()
+        elif isinstance(record, Mapping):
             row = dict(record)
         elif isinstance(record, tuple | list):
             fields = self.spec.target_fields or tuple(c.name for c in table.columns)
@@ -142,33 +146,45 @@ class SqlSink:
             raise RowRejected(f"a record must be a dict or a tuple, got {type(record).__name__}")
         shape = tuple(row)
         naive_columns = self._shapes.get(shape)
-        if naive_columns is None:  # checked once per shape of record, not per row
-            unknown = set(shape) - set(table.c.keys())
-            if unknown:
-                raise RowRejected(f"columns {sorted(unknown)} do not exist in {self.spec.table}")
-            naive_columns = self._shapes[shape] = [n for n in shape if n in self._naive_datetime_columns(table)]
-        if self.spec.interval_column:
-            row[self.spec.interval_column] = interval.start
-        if self.spec.timestamp_column:
-            stamp = row.get(self.spec.timestamp_column)
+        if naive_columns is None:
+            naive_columns = self._learn_shape(shape, table)
+        spec = self.spec
+        if spec.interval_column:
+            row[spec.interval_column] = interval.start
+        if spec.timestamp_column:
+            stamp = row.get(spec.timestamp_column)
             if isinstance(stamp, str):  # SQLite hands timestamps back as text
                 try:
-                    stamp = row[self.spec.timestamp_column] = dt.datetime.fromisoformat(stamp)
+                    stamp = row[spec.timestamp_column] = dt.datetime.fromisoformat(stamp)
                 except ValueError:
-                    raise RowRejected(f"{self.spec.timestamp_column}={stamp!r} is not a timestamp") from None
-            if stamp is None or not _within(stamp, interval):
+                    raise RowRejected(f"{spec.timestamp_column}={stamp!r} is not a timestamp") from None
+            if not self._bounds(interval).contains(stamp):
                 raise RowRejected(
-                    f"{self.spec.timestamp_column}={stamp!r} is outside the interval {interval}; "
+                    f"{spec.timestamp_column}={stamp!r} is outside the interval {interval}; "
                     "a rerun would not replace it"
                 )
-        missing_keys = [k for k in self.spec.key_columns if row.get(k) is None]
-        if missing_keys:
-            raise RowRejected(f"key columns {missing_keys} are missing")
+        if spec.key_columns:
+            missing_keys = [k for k in spec.key_columns if row.get(k) is None]
+            if missing_keys:
+                raise RowRejected(f"key columns {missing_keys} are missing")
         for name in naive_columns:
             value = row[name]
             if isinstance(value, dt.datetime) and value.tzinfo is not None:
                 row[name] = value.astimezone(dt.UTC).replace(tzinfo=None)
         return row
+
+    def _learn_shape(self, shape: tuple[str, ...], table: sa.Table) -> list[str]:
+        """Check a new shape of record (its column names in order) once; returns its naive-datetime columns."""
+        unknown = set(shape) - set(table.c.keys())
+        if unknown:
+            raise RowRejected(f"columns {sorted(unknown)} do not exist in {self.spec.table}")
+        naive_columns = self._shapes[shape] = [n for n in shape if n in self._naive_datetime_columns(table)]
+        return naive_columns
+
+    def _bounds(self, interval: Interval) -> _Bounds:
+        if self._last_bounds is None or self._last_bounds.interval is not interval:
+            self._last_bounds = _Bounds.of(interval)
+        return self._last_bounds
 
     def write(
         self, conn: sa.Connection, batch: Sequence[Pending]
@@ -240,8 +256,27 @@ def db_value(column: sa.Column[Any], value: Any) -> Any:
     return value
 
 
-def _within(stamp: Any, interval: Interval) -> bool:
-    if not isinstance(stamp, dt.datetime):
-        return False
-    aware = stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=dt.UTC)
-    return interval.start <= aware < interval.end
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """An interval's bounds, aware and as naive UTC, so a timestamp of either kind compares without conversion."""
+
+    interval: Interval
+    start: dt.datetime
+    end: dt.datetime
+    naive_start: dt.datetime
+    naive_end: dt.datetime
+
+    @classmethod
+    def of(cls, interval: Interval) -> _Bounds:
+        def naive(value: dt.datetime) -> dt.datetime:
+            return value.astimezone(dt.UTC).replace(tzinfo=None)
+
+        return cls(interval, interval.start, interval.end, naive(interval.start), naive(interval.end))
+
+    def contains(self, stamp: Any) -> bool:
+        """``start <= stamp < end``; a naive timestamp is read as UTC, anything but a datetime is outside."""
+        if not isinstance(stamp, dt.datetime):
+            return False
+        if stamp.tzinfo is None:
+            return self.naive_start <= stamp < self.naive_end
+        return self.start <= stamp < self.end
