@@ -11,6 +11,7 @@ from typing import Any
 from airflow_selfheal import metrics
 from airflow_selfheal.engine.engine import IntervalEngine
 from airflow_selfheal.engine.models import RunContext
+from airflow_selfheal.engine.prefetch import read_ahead
 from airflow_selfheal.intervals import Interval
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,31 @@ def run_intervals(
 
     A crash loses at most the interval in flight; the time budget is checked before each interval
     so the task hands its worker slot back in time. Progress (done of total, rows, rate, time left)
-    is logged after every interval.
+    is logged after every interval. A SQL source is read one interval ahead on a worker thread
+    (:mod:`~airflow_selfheal.engine.prefetch`); claims and commits stay strictly in order.
 
     :param stop_on_failure: stop at the first failed interval (ordered pipelines: later intervals
         could not commit anyway); otherwise carry on and report the failures at the end.
     """
+    source = engine.source
+    ahead = read_ahead(source, intervals, chunk_size=engine.settings.chunk_size)
+    if ahead is not None:
+        engine.source = ahead
+    try:
+        return _run_in_order(engine, intervals, context_for, budget_seconds, stop_on_failure)
+    finally:
+        if ahead is not None:
+            engine.source = source
+            ahead.close()
+
+
+def _run_in_order(
+    engine: IntervalEngine,
+    intervals: Sequence[Interval],
+    context_for: Callable[[Interval], RunContext],
+    budget_seconds: float | None,
+    stop_on_failure: bool,
+) -> BatchSummary:
     started = time.monotonic()
     summary = BatchSummary(pipeline=engine.settings.pipeline, total=len(intervals))
     for index, interval in enumerate(intervals):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -61,7 +61,7 @@ class SqlSource:
             self._engine = sql_engine(self.conn_id)
         return self._engine
 
-    def chunks(self, interval: Interval, chunk_size: int) -> Iterator[list[Record]]:
+    def chunks(self, interval: Interval, chunk_size: int) -> Generator[list[Record], None, None]:
         params = {**self.parameters, **bind_bounds(self.engine, interval)}
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, max_row_buffer=chunk_size).execute(
