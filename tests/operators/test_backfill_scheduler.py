@@ -65,7 +65,13 @@ def names() -> Iterator[dict[str, str]]:
     SelfHealStoreHook(CONN, table_prefix=names["prefix"]).drop_state_tables()
 
 
-def dag_source(names: dict[str, str]) -> str:
+def dag_source(names: dict[str, str], *, broken_hours: str | None = None) -> str:
+    """The DAG under test; with ``broken_hours`` (a table of interval starts) those hours fail on a division by zero."""
+    guard = (
+        f" AND 1 / (1 - (SELECT count(*) FROM {broken_hours} b WHERE b.interval_start = :interval_start)) = 1"
+        if broken_hours
+        else ""
+    )
     return textwrap.dedent(
         f'''
         import datetime as dt
@@ -77,7 +83,8 @@ def dag_source(names: dict[str, str]) -> str:
             SqlIntervalTransferOperator(
                 task_id="load",
                 source_conn_id="{CONN}",
-                sql="SELECT id, ts, amount FROM {names["src"]} WHERE ts >= :interval_start AND ts < :interval_end",
+                sql="SELECT id, ts, amount FROM {names["src"]} "
+                    "WHERE ts >= :interval_start AND ts < :interval_end{guard}",
                 destination_conn_id="{CONN}",
                 destination_table="{names["dest"]}",
                 timestamp_column="ts",
@@ -190,3 +197,73 @@ def test_airflow_backfill_heals_done_failed_and_missing_intervals(airflow_server
     assert destination(names) == expected
     checksums = {v.checksum for v in ledger.versions("orders", window[0])}
     assert len(checksums) == 1, "the same data must give the same checksum in every version"
+
+
+def backfill(airflow_server: AirflowServer, dag_id: str, first: dt.datetime, last: dt.datetime, behavior: str) -> None:
+    airflow_server.cli(
+        "backfill",
+        "create",
+        "--dag-id",
+        dag_id,
+        "--from-date",
+        first.isoformat(),
+        "--to-date",
+        last.isoformat(),
+        "--reprocess-behavior",
+        behavior,
+        "--max-active-runs",
+        "4",
+    )
+
+
+def backfills_completed(airflow_server: AirflowServer, dag_id: str) -> bool:
+    backfills = airflow_server.api("GET", "/backfills", params={"dag_id": dag_id})["backfills"]
+    return all(b["completed_at"] for b in backfills)
+
+
+@pytest.mark.airflow_server
+def test_backfill_reprocessing_failed_runs_heals_them_and_leaves_good_hours_alone(
+    airflow_server: AirflowServer, names
+) -> None:
+    """
+    ``reprocess_behavior=failed``: an upstream bug fails hours 4-7 of a first backfill; once it is
+    fixed, a second backfill over hours 0-15 reruns exactly the failed runs and creates the missing
+    ones, and the hours that succeeded keep their single version.
+    """
+    broken = f"{names['src']}_broken"
+    engine = sql_engine(CONN)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {broken} (interval_start timestamptz PRIMARY KEY)")
+        for hour in range(4, 8):
+            conn.execute(sa.text(f"INSERT INTO {broken} VALUES (:start)"), {"start": T0 + hour * HOUR})
+    try:
+        airflow_server.write_dag(f"{names['dag']}.py", dag_source(names, broken_hours=broken))
+        # Logical dates T0+1h .. T0+12h are the runs of hours 0-11 (an @hourly run processes the hour before it).
+        backfill(airflow_server, names["dag"], T0 + HOUR, T0 + 12 * HOUR, "none")
+        states = airflow_server.wait_for_runs(names["dag"], count=12, run_type="backfill", timeout=300)
+        assert sorted(states.values()).count("failed") == 4, states
+
+        ledger = CheckpointHook(CONN, table_prefix=names["prefix"])
+        window = [Interval(T0 + h * HOUR, T0 + (h + 1) * HOUR) for h in range(16)]
+        entries = {e.interval: e for e in ledger.entries("orders")}
+        assert [h for h in range(12) if entries[window[h]].status == "failed"] == [4, 5, 6, 7]
+        assert "division by zero" in (entries[window[4]].error or ""), entries[window[4]].error
+
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM {broken}")  # the upstream fix
+        wait_until(lambda: backfills_completed(airflow_server, names["dag"]), "first backfill to complete")
+        backfill(airflow_server, names["dag"], T0 + HOUR, T0 + 16 * HOUR, "failed")
+        states = airflow_server.wait_for_runs(names["dag"], count=16, run_type="backfill", timeout=300)
+        assert set(states.values()) == {"success"}, states
+
+        expected = sorted((r["id"], r["amount"]) for r in source_rows() if r["id"] < 16 * 100)
+        assert destination(names) == expected, "every hour 0-15 exactly once"
+        versions = {h: [v.reason for v in ledger.versions("orders", window[h])] for h in range(16)}
+        assert all(reasons == ["backfill"] for reasons in versions.values()), (
+            "failed hours get their first version from the second backfill; hours that had succeeded "
+            f"are not rerun by reprocess_behavior=failed: {versions}"
+        )
+        assert ledger.watermark("orders", origin=T0) == T0 + 16 * HOUR
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {broken}")
