@@ -103,7 +103,7 @@ def create_source(engine: sa.Engine, table: str, t0: dt.datetime, hours: int, ro
             "amount_cents integer, status text)"
         )
         conn.exec_driver_sql(
-            f"INSERT INTO {table} SELECT h * 1000000 + i, timestamp '{naive(t0)}' "
+            f"INSERT INTO {table} SELECT h::bigint * 1000000 + i, timestamp '{naive(t0)}' "
             f"+ h * interval '1 hour' + i * interval '{step} second', "
             "mod(h * 7919 + i, 5003), mod(i * 37, 100000), (ARRAY['paid','open','refunded'])[mod(i, 3) + 1] "
             f"FROM generate_series(0, {hours - 1}) AS h, generate_series(0, {rows_per_hour - 1}) AS i"
