@@ -42,6 +42,7 @@ from benchmarks.common import (
     create_source,
     dag_file,
     describe,
+    exit_status,
     parse_time,
     pg_engine,
     running_airflow,
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = ["catchup", "backfill", "control", "realtime", *(f"long{i}" for i in range(setup.long_tasks))]
     setup.dests = {role: scratch.table(f"fair_{role}_{suffix}") for role in roles}
     setup.prefix = scratch.prefix(f"fair{suffix}_")
-    try:
+
+    def run() -> int:
         say(f"source: {setup.hours()} hours x {setup.rows} rows")
         create_source(engine, setup.source, setup.t0, setup.hours(), setup.rows)
         for name in setup.dests.values():
@@ -400,20 +402,12 @@ def main(argv: list[str] | None = None) -> int:
             write_dags(server, build_dags(setup))
             results = measure(server, setup, controls=not args.no_control)
         problems = check_all(engine, setup, results)
-    except CorrectnessError as error:
-        print(f"CORRECTNESS FAILURE: {error}", file=sys.stderr)
-        return 1
-    except AirflowServerError as error:
-        print(f"could not complete the measurement (not a correctness failure): {error}", file=sys.stderr)
-        return 2
-    finally:
-        scratch.drop()
-        engine.dispose()
-        say("benchmark tables and state tables dropped")
-    report(setup, results, problems)
-    if problems:
-        return 1
-    return 2 if incomplete_phases(setup, results) else 0
+        report(setup, results, problems)
+        if problems:
+            return 1
+        return 2 if incomplete_phases(setup, results) else 0
+
+    return exit_status(run, scratch)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from benchmarks.common import (
     create_source,
     dag_file,
     describe,
+    exit_status,
     pg_engine,
     return_value,
     running_airflow,
@@ -47,7 +48,7 @@ from benchmarks.common import (
     wait_for_count,
     write_dags,
 )
-from tests.airflow_harness import AirflowServer, AirflowServerError
+from tests.airflow_harness import AirflowServer
 
 TARGET_RATIO = 20.0
 
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             task_kwargs={**common, "pipeline": "orders_backfill"},
         ),
     }
-    try:
+
+    def run() -> int:
         say(f"source: {setup.intervals} hours x {setup.rows} rows from {setup.t0.isoformat()} ({BENCH_CONN_ID})")
         create_source(engine, setup.source, setup.t0, setup.intervals, setup.rows)
         create_destination(engine, setup.batched_dest)
@@ -263,16 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ncProfile of the batched task's execute ({args.cprofile}), top functions by own time:")
             pstats.Stats(args.cprofile).sort_stats("tottime").print_stats(25)
         return 1 if problems else 0
-    except CorrectnessError as error:
-        print(f"CORRECTNESS FAILURE: {error}", file=sys.stderr)
-        return 1
-    except AirflowServerError as error:
-        print(f"could not complete the measurement (not a correctness failure): {error}", file=sys.stderr)
-        return 2
-    finally:
-        scratch.drop()
-        engine.dispose()
-        say("benchmark tables and state tables dropped")
+
+    return exit_status(run, scratch)
 
 
 if __name__ == "__main__":

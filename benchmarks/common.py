@@ -13,9 +13,10 @@ import datetime as dt
 import os
 import statistics
 import subprocess
+import sys
 import textwrap
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,27 @@ SOURCE_COLUMNS = "id, ts, customer_id, amount_cents, status"
 
 class CorrectnessError(AssertionError):
     """A benchmark produced wrong data: the only failure that makes a benchmark exit non-zero."""
+
+
+def exit_status(measure: Callable[[], int], scratch: Scratch) -> int:
+    """
+    Run a benchmark's ``measure`` and return the process exit status; the scratch tables always go.
+
+    0: measured (or whatever ``measure`` returns), 1: wrong data (:class:`CorrectnessError`),
+    2: could not measure (the Airflow stack failed), which is not a correctness failure.
+    """
+    try:
+        return measure()
+    except CorrectnessError as error:
+        print(f"CORRECTNESS FAILURE: {error}", file=sys.stderr)
+        return 1
+    except AirflowServerError as error:
+        print(f"could not complete the measurement (not a correctness failure): {error}", file=sys.stderr)
+        return 2
+    finally:
+        scratch.drop()
+        scratch.engine.dispose()
+        say("benchmark tables and state tables dropped")
 
 
 def say(message: str) -> None:
