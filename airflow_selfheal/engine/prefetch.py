@@ -53,11 +53,11 @@ class ReadAheadSource:
         self._multi_chunk_seen = False
 
     def chunks(self, interval: Interval, chunk_size: int) -> Iterator[list[Record]]:
-        pending = self._reads.pop(interval, None)
+        # Settle this interval's read-ahead first: it tells whether reading ahead pays (one-chunk intervals).
+        read = self._result(self._reads.pop(interval, None), interval)
         following = self._next.get(interval)
         if following is not None and following not in self._reads and not self._multi_chunk_seen:
             self._reads[following] = self._executor.submit(self._read, following)
-        read = self._result(pending, interval)
         if read is not None and read.complete:
             if read.records:
                 yield read.records
