@@ -23,9 +23,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from airflow_selfheal.hooks.checkpoint import CheckpointHook
-from airflow_selfheal.hooks.dead_letter import DeadLetter, DeadLetterHook
+from airflow_selfheal.hooks.dead_letter import DeadLetterHook
 from airflow_selfheal.hooks.heal_events import HealEventHook
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.letters import DeadLetter
 from airflow_selfheal.store.schema import RESOLVED, state_tables
 
 Command = Callable[[argparse.Namespace], None]

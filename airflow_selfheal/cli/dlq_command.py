@@ -26,7 +26,7 @@ from airflow_selfheal.cli.common import (
     print_structured,
     shorten,
 )
-from airflow_selfheal.hooks.dead_letter import DeadLetter
+from airflow_selfheal.store.letters import DeadLetter
 from airflow_selfheal.store.payload import to_jsonable
 from airflow_selfheal.store.schema import DISCARDED, PARKED, PENDING
 

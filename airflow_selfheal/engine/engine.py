@@ -25,10 +25,11 @@ from airflow_selfheal.exceptions import (
     SelfHealError,
 )
 from airflow_selfheal.hooks.checkpoint import CheckpointHook, IntervalClaim
-from airflow_selfheal.hooks.dead_letter import DeadLetterHook, FailedRecord
+from airflow_selfheal.hooks.dead_letter import DeadLetterHook
 from airflow_selfheal.hooks.heal_events import HealEventHook
 from airflow_selfheal.intervals import Interval
 from airflow_selfheal.store.dialects import tune_engine
+from airflow_selfheal.store.letters import FailedRecord
 from airflow_selfheal.store.payload import encode_payload, record_identity
 from airflow_selfheal.store.schema import DONE, PENDING, REDRIVING
 

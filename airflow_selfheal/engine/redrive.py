@@ -24,8 +24,8 @@ from airflow_selfheal import metrics
 from airflow_selfheal.engine.engine import IntervalEngine
 from airflow_selfheal.engine.models import Checksum, RunContext
 from airflow_selfheal.engine.sinks import Pending, RowRejected, SinkSpec, SqlSink
-from airflow_selfheal.hooks.dead_letter import DeadLetter
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.letters import DeadLetter
 from airflow_selfheal.store.schema import DONE
 from airflow_selfheal.store.types import utcnow
 

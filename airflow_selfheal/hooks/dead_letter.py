@@ -9,7 +9,6 @@ import time
 import traceback as traceback_module
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,9 +16,15 @@ import sqlalchemy as sa
 from airflow_selfheal.hooks.state_store import SelfHealStoreHook
 from airflow_selfheal.intervals import Interval
 from airflow_selfheal.store import dialects
+from airflow_selfheal.store.letters import (
+    STATUSES,
+    DeadLetter,
+    FailedRecord,
+    error_class_name,
+    letter_from_row,
+)
 from airflow_selfheal.store.payload import (
     DEFAULT_MAX_PAYLOAD_BYTES,
-    decode_payload,
     encode_payload,
     record_identity,
     to_jsonable,
@@ -27,73 +32,11 @@ from airflow_selfheal.store.payload import (
 from airflow_selfheal.store.schema import DISCARDED, PARKED, PENDING, REDRIVING, RESOLVED
 from airflow_selfheal.store.types import utcnow
 
-STAGES = ("read", "transform", "write")
-STATUSES = (PENDING, REDRIVING, RESOLVED, PARKED, DISCARDED)
 # A user's decision (park, discard) survives the record failing again; anything else reopens.
 _STICKY = (PARKED, DISCARDED)
 # A redrive that has not finished a claimed letter within this long is presumed dead.
 DEFAULT_CLAIM_STALE_AFTER = dt.timedelta(minutes=30)
 _CHUNK = 500  # ids per IN (...) list: well below every dialect's parameter limit
-
-
-@dataclass(frozen=True)
-class FailedRecord:
-    """A record that failed, as handed to :meth:`DeadLetterHook.add`."""
-
-    pipeline: str
-    payload: Any
-    error: BaseException
-    stage: str
-    record_key: Any = None
-    interval: Interval | None = None
-    dag_id: str | None = None
-    task_id: str | None = None
-    run_id: str | None = None
-    traceback: str | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage={self.stage!r} must be one of {', '.join(STAGES)}")
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One row of the dead-letter table."""
-
-    id: int
-    pipeline: str
-    record_identity: str
-    status: str
-    stage: str
-    error_class: str
-    error_message: str | None
-    traceback: str | None
-    attempts: int
-    payload_text: str
-    payload_bytes: int
-    payload_sha256: str
-    payload_truncated: bool
-    record_key: Any
-    interval: Interval | None
-    dag_id: str | None
-    task_id: str | None
-    run_id: str | None
-    first_seen: dt.datetime
-    last_seen: dt.datetime
-    resolved_at: dt.datetime | None
-    claim_token: str | None = None
-    claimed_at: dt.datetime | None = None
-
-    @property
-    def payload(self) -> Any:
-        """The record as Python values (tagged types restored); a truncated payload stays a dict."""
-        return decode_payload(self.payload_text)
-
-
-def error_class_name(error: BaseException) -> str:
-    """``module.QualName`` of an exception, the way the table stores and filters it."""
-    cls = type(error)
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 class DeadLetterHook(SelfHealStoreHook):
@@ -202,7 +145,7 @@ class DeadLetterHook(SelfHealStoreHook):
         table = self.tables.dead_letters
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(table).where(table.c.id == letter_id)).mappings().first()
-        return None if row is None else _letter(row)
+        return None if row is None else letter_from_row(row)
 
     def list_letters(
         self,
@@ -244,7 +187,7 @@ class DeadLetterHook(SelfHealStoreHook):
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as conn:
-            return [_letter(row) for row in conn.execute(query).mappings()]
+            return [letter_from_row(row) for row in conn.execute(query).mappings()]
 
     def count(self, *, pipeline: str | None = None, statuses: Sequence[str] | None = None) -> int:
         """How many dead letters match."""
@@ -413,7 +356,7 @@ class DeadLetterHook(SelfHealStoreHook):
             rows = conn.execute(
                 sa.select(table).where(table.c.claim_token == token, table.c.status == REDRIVING).order_by(table.c.id)
             ).mappings()
-            return [_letter(row) for row in rows]
+            return [letter_from_row(row) for row in rows]
 
     def _claim(self, ids: list[int], claimable: sa.ColumnElement[bool], token: str, now: dt.datetime) -> int:
         table = self.tables.dead_letters
@@ -558,34 +501,3 @@ def _constant(status: str) -> sa.ColumnElement[str]:
     if status not in STATUSES:
         raise ValueError(f"status={status!r} unknown")
     return sa.literal_column(f"'{status}'", sa.String)
-
-
-def _letter(row: Any) -> DeadLetter:
-    interval = None
-    if row["interval_start"] is not None and row["interval_end"] is not None:
-        interval = Interval(row["interval_start"], row["interval_end"])
-    return DeadLetter(
-        id=row["id"],
-        pipeline=row["pipeline"],
-        record_identity=row["record_identity"],
-        status=row["status"],
-        stage=row["stage"],
-        error_class=row["error_class"],
-        error_message=row["error_message"],
-        traceback=row["traceback"],
-        attempts=row["attempts"],
-        payload_text=row["payload"],
-        payload_bytes=row["payload_bytes"],
-        payload_sha256=row["payload_sha256"],
-        payload_truncated=bool(row["payload_truncated"]),
-        record_key=None if row["record_key"] is None else decode_payload(row["record_key"]),
-        interval=interval,
-        dag_id=row["dag_id"],
-        task_id=row["task_id"],
-        run_id=row["run_id"],
-        first_seen=row["first_seen"],
-        last_seen=row["last_seen"],
-        resolved_at=row["resolved_at"],
-        claim_token=row["claim_token"],
-        claimed_at=row["claimed_at"],
-    )

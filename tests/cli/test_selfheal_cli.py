@@ -24,9 +24,10 @@ import sqlalchemy as sa
 
 from airflow_selfheal.hooks.checkpoint import CheckpointHook
 from airflow_selfheal.hooks.circuit_breaker import CircuitBreakerHook
-from airflow_selfheal.hooks.dead_letter import DeadLetterHook, FailedRecord
+from airflow_selfheal.hooks.dead_letter import DeadLetterHook
 from airflow_selfheal.hooks.state_store import SelfHealStoreHook
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.letters import FailedRecord
 from airflow_selfheal.store.types import utcnow
 from tests.conftest import database_for
 

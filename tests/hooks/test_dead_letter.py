@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from airflow_selfheal.hooks.dead_letter import DeadLetterHook, FailedRecord
+from airflow_selfheal.hooks.dead_letter import DeadLetterHook
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.letters import FailedRecord
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
