@@ -251,11 +251,15 @@ class IntervalEngine:
         track_resolutions: bool,
     ) -> None:
         table = self.sink.table(conn)
+        to_row = self.sink.to_row
         pending: list[Pending] = []
         for record in chunk:
             try:
+                if self.transform is None:  # the common catch-up case: skip the per-record generator
+                    pending.append(Pending(to_row(record, interval, table), record))
+                    continue
                 for out in self.transformed(record):
-                    pending.append(Pending(self.sink.to_row(out, interval, table), record))
+                    pending.append(Pending(to_row(out, interval, table), record))
             except RowRejected as error:
                 attempt.dead.append(self._failed(record, error, "write", interval, ctx))
             except Exception as error:

@@ -64,9 +64,8 @@ class SqlSource:
     def chunks(self, interval: Interval, chunk_size: int) -> Generator[list[Record], None, None]:
         params = {**self.parameters, **bind_bounds(self.engine, interval)}
         with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, max_row_buffer=chunk_size).execute(
-                sa.text(self.render_sql(interval)), params
-            )
+            # yield_per fetches chunk_size rows per round trip from the start (stream_results alone starts at 1).
+            result = conn.execution_options(yield_per=chunk_size).execute(sa.text(self.render_sql(interval)), params)
             keys = list(result.keys())
             for partition in result.partitions(chunk_size):
                 yield [dict(zip(keys, row, strict=True)) for row in partition]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -96,10 +97,11 @@ def bulk_insert(connection: sa.Connection, table: sa.Table, rows: Sequence[Mappi
         target = connection.dialect.identifier_preparer.format_table(table)
         statement = f"COPY {target} ({column_list}) FROM STDIN"
         dbapi_error = connection.dialect.loaded_dbapi.Error
+        values_of = operator.itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
         try:
             with driver.cursor() as cursor, cursor.copy(statement) as copy:
                 for row in rows:
-                    copy.write_row([row[c] for c in columns])
+                    copy.write_row(values_of(row))
         except dbapi_error as error:
             # Surface driver errors the way SQLAlchemy would, so callers handle one error family.
             raise sa.exc.DBAPIError.instance(statement, None, error, dbapi_error, dialect=connection.dialect) from error
