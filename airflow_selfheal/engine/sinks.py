@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from airflow_selfheal.intervals import Interval
 from airflow_selfheal.store import dialects
 from airflow_selfheal.store.identifiers import validate_dotted_table, validate_identifier
+from airflow_selfheal.store.types import naive_utc
 
 WRITE_STRATEGIES = ("replace_interval", "upsert")
 
@@ -170,7 +171,7 @@ class SqlSink:
         for name in naive_columns:
             value = row[name]
             if isinstance(value, dt.datetime) and value.tzinfo is not None:
-                row[name] = value.astimezone(dt.UTC).replace(tzinfo=None)
+                row[name] = naive_utc(value)
         return row
 
     def _learn_shape(self, shape: tuple[str, ...], table: sa.Table) -> list[str]:
@@ -252,7 +253,7 @@ def _last_per_key(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[
 def db_value(column: sa.Column[Any], value: Any) -> Any:
     """Aware datetimes become naive UTC for columns without a time zone (what every dialect stores there)."""
     if isinstance(value, dt.datetime) and value.tzinfo is not None and not getattr(column.type, "timezone", False):
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
+        return naive_utc(value)
     return value
 
 
@@ -261,17 +262,12 @@ class _Bounds:
     """An interval's bounds, aware and as naive UTC, so a timestamp of either kind compares without conversion."""
 
     interval: Interval
-    start: dt.datetime
-    end: dt.datetime
     naive_start: dt.datetime
     naive_end: dt.datetime
 
     @classmethod
     def of(cls, interval: Interval) -> _Bounds:
-        def naive(value: dt.datetime) -> dt.datetime:
-            return value.astimezone(dt.UTC).replace(tzinfo=None)
-
-        return cls(interval, interval.start, interval.end, naive(interval.start), naive(interval.end))
+        return cls(interval, naive_utc(interval.start), naive_utc(interval.end))
 
     def contains(self, stamp: Any) -> bool:
         """``start <= stamp < end``; a naive timestamp is read as UTC, anything but a datetime is outside."""
@@ -279,4 +275,4 @@ class _Bounds:
             return False
         if stamp.tzinfo is None:
             return self.naive_start <= stamp < self.naive_end
-        return self.start <= stamp < self.end
+        return self.interval.start <= stamp < self.interval.end

@@ -12,6 +12,7 @@ from airflow.sdk import BaseHook
 
 from airflow_selfheal.exceptions import SelfHealError
 from airflow_selfheal.intervals import Interval
+from airflow_selfheal.store.types import naive_utc
 
 Record = Mapping[str, Any] | tuple[Any, ...]
 
@@ -76,8 +77,8 @@ def bind_bounds(engine: sa.Engine, interval: Interval) -> dict[str, Any]:
     if engine.dialect.name in ("sqlite", "mysql", "mariadb"):
         # These keep naive timestamps; compare like with like (UTC).
         return {
-            "interval_start": interval.start.replace(tzinfo=None),
-            "interval_end": interval.end.replace(tzinfo=None),
+            "interval_start": naive_utc(interval.start),
+            "interval_end": naive_utc(interval.end),
         }
     return {"interval_start": interval.start, "interval_end": interval.end}
 

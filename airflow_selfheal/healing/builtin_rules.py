@@ -173,6 +173,7 @@ def _sqlite(error: BaseException) -> Verdict | None:
 
 # --- DB-API exception families (PEP 249), by class name -----------------------------------------------------------
 
+# SQLAlchemy's wrappers (sqlalchemy.exc) carry the same names, so _sqlalchemy reads this table too.
 _FAMILY = {
     "OperationalError": TRANSIENT,
     "IntegrityError": PERMANENT,
@@ -215,16 +216,6 @@ def dbapi_verdict(error: BaseException) -> Verdict | None:
 
 # --- SQLAlchemy wrappers -----------------------------------------------------------------------------------------
 
-_SQLALCHEMY_HINTS = {
-    "OperationalError": TRANSIENT,
-    "IntegrityError": PERMANENT,
-    "ProgrammingError": PERMANENT,
-    "DataError": PERMANENT,
-    "NotSupportedError": PERMANENT,
-    "InternalError": PERMANENT,
-    "InterfaceError": PERMANENT,
-}
-
 
 def _sqlalchemy(error: BaseException) -> Verdict | None:
     paths = class_paths(error)
@@ -236,7 +227,7 @@ def _sqlalchemy(error: BaseException) -> Verdict | None:
         if verdict is not None:
             return verdict[0], f"{verdict[1]} (wrapped in sqlalchemy.exc.{type(error).__name__})"
         for cls in type(error).__mro__:
-            hint = _SQLALCHEMY_HINTS.get(cls.__name__) if cls.__module__ == "sqlalchemy.exc" else None
+            hint = _FAMILY.get(cls.__name__) if cls.__module__ == "sqlalchemy.exc" else None
             if hint is not None:
                 return hint, f"sqlalchemy.exc.{cls.__name__} with an unrecognised driver error"
         return None

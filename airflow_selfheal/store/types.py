@@ -32,7 +32,7 @@ class UtcDateTime(sa.types.TypeDecorator[dt.datetime]):
             raise TypeError(f"expected a datetime, got {type(value).__name__}: {value!r}")
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: pass an aware (UTC) datetime")
-        return value.astimezone(dt.UTC).replace(tzinfo=None)
+        return naive_utc(value)
 
     def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
         if value is None:
@@ -47,6 +47,11 @@ class UtcDateTime(sa.types.TypeDecorator[dt.datetime]):
 def long_text() -> sa.types.TypeEngine[str]:
     """Unbounded text: MySQL's TEXT stops at 64 KiB, so use LONGTEXT there."""
     return sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+
+
+def naive_utc(value: dt.datetime) -> dt.datetime:
+    """An aware datetime as naive UTC: what SQLite, MySQL and ``timestamp without time zone`` store."""
+    return value.astimezone(dt.UTC).replace(tzinfo=None)
 
 
 def utcnow() -> dt.datetime:

@@ -136,6 +136,37 @@ def destination(names: dict[str, str]) -> list[tuple[int, int]]:
         return sorted(tuple(r) for r in conn.exec_driver_sql(f"SELECT id, amount FROM {names['dest']}"))
 
 
+def backfill(
+    airflow_server: AirflowServer,
+    dag_id: str,
+    first: dt.datetime,
+    last: dt.datetime,
+    behavior: str,
+    *,
+    max_active_runs: int = 4,
+) -> None:
+    """``airflow backfill create`` over the logical dates ``first`` .. ``last``."""
+    airflow_server.cli(
+        "backfill",
+        "create",
+        "--dag-id",
+        dag_id,
+        "--from-date",
+        first.isoformat(),
+        "--to-date",
+        last.isoformat(),
+        "--reprocess-behavior",
+        behavior,
+        "--max-active-runs",
+        str(max_active_runs),
+    )
+
+
+def backfills_completed(airflow_server: AirflowServer, dag_id: str) -> bool:
+    backfills = airflow_server.api("GET", "/backfills", params={"dag_id": dag_id})["backfills"]
+    return all(b["completed_at"] for b in backfills)
+
+
 @pytest.mark.airflow_server
 def test_airflow_backfill_heals_done_failed_and_missing_intervals(airflow_server: AirflowServer, names) -> None:
     seed_history(names)
@@ -144,20 +175,7 @@ def test_airflow_backfill_heals_done_failed_and_missing_intervals(airflow_server
 
     # @hourly runs process the hour before their logical date: logical dates 01:00 .. +48h cover all 48 hours.
     first, last = T0 + HOUR, T0 + HOURS * HOUR
-    airflow_server.cli(
-        "backfill",
-        "create",
-        "--dag-id",
-        names["dag"],
-        "--from-date",
-        first.isoformat(),
-        "--to-date",
-        last.isoformat(),
-        "--reprocess-behavior",
-        "none",
-        "--max-active-runs",
-        "4",
-    )
+    backfill(airflow_server, names["dag"], first, last, "none")
     states = airflow_server.wait_for_runs(names["dag"], count=HOURS, run_type="backfill", timeout=420)
     assert set(states.values()) == {"success"}, states
     assert destination(names) == expected, "backfill must leave exactly one copy of every row"
@@ -171,54 +189,13 @@ def test_airflow_backfill_heals_done_failed_and_missing_intervals(airflow_server
 
     # Reprocess the first 12 hours again ("completed"), several runs at once: still no duplicates.
     # Airflow allows one running backfill per DAG; the scheduler closes the first one shortly after its runs.
-    wait_until(
-        lambda: all(
-            b["completed_at"]
-            for b in airflow_server.api("GET", "/backfills", params={"dag_id": names["dag"]})["backfills"]
-        ),
-        "first backfill to complete",
-    )
-    airflow_server.cli(
-        "backfill",
-        "create",
-        "--dag-id",
-        names["dag"],
-        "--from-date",
-        first.isoformat(),
-        "--to-date",
-        (T0 + 12 * HOUR).isoformat(),
-        "--reprocess-behavior",
-        "completed",
-        "--max-active-runs",
-        "3",
-    )
+    wait_until(lambda: backfills_completed(airflow_server, names["dag"]), "first backfill to complete")
+    backfill(airflow_server, names["dag"], first, T0 + 12 * HOUR, "completed", max_active_runs=3)
     airflow_server.wait_for_runs(names["dag"], count=HOURS, run_type="backfill", timeout=240)
     wait_until(lambda: all(len(ledger.versions("orders", iv)) == 3 for iv in window[:12]), "12 reprocessed hours")
     assert destination(names) == expected
     checksums = {v.checksum for v in ledger.versions("orders", window[0])}
     assert len(checksums) == 1, "the same data must give the same checksum in every version"
-
-
-def backfill(airflow_server: AirflowServer, dag_id: str, first: dt.datetime, last: dt.datetime, behavior: str) -> None:
-    airflow_server.cli(
-        "backfill",
-        "create",
-        "--dag-id",
-        dag_id,
-        "--from-date",
-        first.isoformat(),
-        "--to-date",
-        last.isoformat(),
-        "--reprocess-behavior",
-        behavior,
-        "--max-active-runs",
-        "4",
-    )
-
-
-def backfills_completed(airflow_server: AirflowServer, dag_id: str) -> bool:
-    backfills = airflow_server.api("GET", "/backfills", params={"dag_id": dag_id})["backfills"]
-    return all(b["completed_at"] for b in backfills)
 
 
 @pytest.mark.airflow_server
